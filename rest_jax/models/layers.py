@@ -1,0 +1,202 @@
+"""Building blocks shared by ResT v1 and ResTv2, with PyTorch's numerics.
+
+Every module works on NHWC tensors. Parameters are float32 (`param_dtype`); `dtype` is the
+computation dtype. Where Flax's defaults differ from PyTorch's, the PyTorch choice is made here:
+exact (erf) GELU, explicit symmetric padding, two-pass variance, BatchNorm that updates its running
+variance with the unbiased estimate as `torch.nn.BatchNorm2d` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax import lax
+
+Dtype = Any
+
+# The official code initialises every conv and linear weight with trunc_normal_(std=0.02), biases
+# with 0 and norm weights with 1.
+weight_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def conv(features: int, kernel: int, stride: int, pad: int, *, use_bias: bool, dtype: Dtype,
+         name: str) -> nn.Conv:
+    """A dense 2-D convolution with PyTorch's explicit symmetric padding (never 'SAME')."""
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype,
+                   kernel_init=weight_init, name=name)
+
+
+def dense(features: int, *, use_bias: bool = True, dtype: Dtype, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=weight_init, name=name)
+
+
+def layer_norm(eps: float, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm over channels; statistics in float32 with the two-pass variance PyTorch uses."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+def default_conv_impl() -> str:
+    """'shift' on CPU, where XLA's grouped convolutions are ~30x slower; 'lax' elsewhere."""
+    return 'shift' if jax.default_backend() == 'cpu' else 'lax'
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int, impl: str) -> jax.Array:
+    """Depthwise convolution (groups = input channels) with an optional channel multiplier.
+
+    Args:
+      x: (B, H, W, C) input.
+      kernel: (kh, kw, 1, C * m) in Flax's grouped layout; output channel c * m + t is input
+        channel c filtered by kernel[..., 0, c * m + t], the order of PyTorch's `groups=C` conv.
+      stride, pad: the stride and the symmetric zero padding of both spatial dimensions.
+      impl: 'lax' (one grouped `conv_general_dilated`) or 'shift' (a sum of strided slices times
+        per-channel weights: the same arithmetic, much faster on XLA:CPU).
+
+    Returns:
+      (B, H', W', C * m).
+    """
+    kh, kw, _, out = kernel.shape
+    b, h, w, c = x.shape
+    if impl == 'lax':
+        return lax.conv_general_dilated(
+            x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
+    if impl != 'shift':
+        raise ValueError(f"conv_impl must be 'lax', 'shift' or 'auto', got {impl!r}")
+    mult = out // c
+    ho = (h + 2 * pad - kh) // stride + 1
+    wo = (w + 2 * pad - kw) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    taps = kernel.reshape(kh, kw, c, mult)
+    if mult > 1:
+        xp = xp[..., None]
+    acc = None
+    for i in range(kh):
+        for j in range(kw):
+            start = (0, i, j, 0) + ((0,) if mult > 1 else ())
+            limit = (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1) + xp.shape[3:]
+            step = (1, stride, stride, 1) + ((1,) if mult > 1 else ())
+            term = lax.slice(xp, start, limit, step) * (taps[i, j] if mult > 1 else taps[i, j, :, 0])
+            acc = term if acc is None else acc + term
+    return acc.reshape(b, ho, wo, out)
+
+
+class DepthwiseConv(nn.Module):
+    """`nn.Conv2d(C, features, k, stride, pad, groups=C)`; parameters laid out as Flax's nn.Conv."""
+    features: int      # C * channel multiplier
+    kernel_size: int
+    stride: int = 1
+    pad: int = 0
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    impl: str = 'auto'  # 'auto' | 'lax' | 'shift', see depthwise_conv
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param('kernel', weight_init, (k, k, 1, self.features))
+        impl = default_conv_impl() if self.impl == 'auto' else self.impl
+        y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.pad, impl)
+        if self.use_bias:
+            y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return y
+
+
+class PA(nn.Module):
+    """Pixel attention, ResT's position encoding: x * sigmoid(dwconv3x3(x))."""
+    dtype: Dtype = jnp.float32
+    conv_impl: str = 'auto'
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = DepthwiseConv(x.shape[-1], 3, 1, 1, dtype=self.dtype, impl=self.conv_impl,
+                             name='pa_conv')(x)
+        return x * nn.sigmoid(gate)
+
+
+class BatchNorm(nn.Module):
+    """`torch.nn.BatchNorm2d` over the last axis, exactly.
+
+    Flax's nn.BatchNorm updates the running variance with the biased batch variance; PyTorch uses
+    the unbiased one (n / (n - 1)). Keeping PyTorch's rule means converted checkpoints keep training
+    as they would have. `momentum` is PyTorch's (weight of the new batch): 0.1 equals Flax's 0.9.
+    Under jit over a data-parallel mesh the batch mean is taken over the global batch.
+    """
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param('scale', nn.initializers.ones, (c,))
+        bias = self.param('bias', nn.initializers.zeros, (c,))
+        ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
+        ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        if train:
+            xf = x.astype(jnp.float32)
+            mean = xf.mean(axes)
+            var = jnp.square(xf - mean).mean(axes)
+            if not self.is_initializing():
+                n = x.size // c
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        mul = scale * lax.rsqrt(var + self.epsilon)
+        return ((x.astype(jnp.float32) - mean) * mul + bias).astype(self.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's DropPath): drop the residual branch, rescale the rest."""
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2 (PyTorch's nn.GELU() is the erf form; Flax defaults to tanh)."""
+    hidden_features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = x.shape[-1]
+        x = dense(self.hidden_features, dtype=self.dtype, name='fc1')(x)
+        x = nn.gelu(x, approximate=False)
+        return dense(out, dtype=self.dtype, name='fc2')(x)
+
+
+def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:
+    """`torch.nn.PixelShuffle(r)` on NHWC: input channel c * r * r + i * r + j -> pixel (i, j) of c."""
+    if r == 1:
+        return x
+    b, h, w, cr = x.shape
+    c = cr // (r * r)
+    x = x.reshape(b, h, w, c, r, r).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, h * r, w * r, c)
+
+
+def stochastic_depth_rates(rate: float, depths) -> list[float]:
+    """Per-block drop-path rates rising linearly from 0 to `rate`, as torch.linspace in the official code."""
+    n = sum(depths)
+    return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
+def check_input(x: jax.Array) -> None:
+    """Reject inputs the models cannot take, with a message that says what to pass instead."""
+    if x.ndim != 4:
+        raise ValueError(f'expected images as (batch, height, width, channels) NHWC, got shape {x.shape}')
+    if min(x.shape[1:3]) < 32:
+        raise ValueError(f'images must be at least 32x32 (four stride-2 stages), got {x.shape[1]}x{x.shape[2]}')

@@ -1,0 +1,92 @@
+"""Model registry: variant name -> model class, architecture and preprocessing metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """A registered variant: how to build it and how its official weights expect to be fed."""
+    name: str
+    cls: type[nn.Module]
+    arch: dict[str, Any]           # the official hyperparameters (constructor arguments)
+    top1: float                    # official ImageNet-1k top-1 at 224, for the README table
+    gflops: float                  # official GFLOPs at 224 (multiply-adds), as published
+    input_size: int = 224
+    crop_pct: float = 0.875        # eval: resize the shorter side to int(input_size / crop_pct)
+    interpolation: str = 'bicubic'
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_classes: int = 1000
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The metadata a checkpoint carries so that inference can reproduce the official eval."""
+        return dict(input_size=self.input_size, crop_pct=self.crop_pct,
+                    interpolation=self.interpolation, mean=list(self.mean), std=list(self.std),
+                    num_classes=self.num_classes)
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(info: ModelInfo) -> None:
+    if info.name in _REGISTRY:
+        raise ValueError(f'model {info.name!r} is registered twice')
+    _REGISTRY[info.name] = info
+
+
+def list_models() -> list[str]:
+    """The registered variant names, in registration order (v1 lite..large, then v2 tiny..large)."""
+    return list(_REGISTRY)
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry of `name`; ValueError naming the valid names if there is none."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f'unknown model {name!r}; valid names: {", ".join(_REGISTRY)}') from None
+
+
+def model_args(cls: type[nn.Module]) -> list[str]:
+    """The constructor arguments a model class accepts (its dataclass fields)."""
+    return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ('parent', 'name')]
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered variant.
+
+    Args:
+      name: one of `list_models()`.
+      **kwargs: overrides of the variant's arguments, e.g. `num_classes`, `drop_path_rate`,
+        `dtype` (computation dtype; parameters stay float32), `conv_impl`, or the architecture
+        itself (`embed_dims`, `depths`, `num_heads`, `sr_ratios`, ...).
+
+    Returns:
+      An unbound flax.linen Module; `model.init(rng, images)` gives {'params', 'batch_stats'}.
+
+    Raises:
+      ValueError: unknown name, unknown argument, or an inconsistent architecture.
+    """
+    info = model_info(name)
+    valid = model_args(info.cls)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f'unknown argument(s) {", ".join(unknown)} for {name}; valid: {", ".join(valid)}')
+    args = {**info.arch, **kwargs}
+    for key in ('embed_dims', 'num_heads', 'depths', 'sr_ratios', 'mlp_ratios'):
+        if key in args:
+            args[key] = tuple(args[key])
+            if len(args[key]) != 4:
+                raise ValueError(f'{key} must have 4 entries (one per stage), got {args[key]}')
+    for dim, heads in zip(args.get('embed_dims', ()), args.get('num_heads', ())):
+        if heads < 1 or dim % heads:
+            raise ValueError(f'embed_dims {args["embed_dims"]} must be divisible by num_heads {args["num_heads"]}')
+    return info.cls(**args)
