@@ -194,6 +194,36 @@ def stochastic_depth_rates(rate: float, depths) -> list[float]:
     return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
 
 
+class Backbone(nn.Module):
+    """The skeleton both families share: four times (embed -> blocks), then norm, average pool, head.
+
+    A subclass defines, in setup, `stage1`..`stage4` (lists of blocks), `norm`, `head` (when
+    num_classes > 0) and `embeddings()`: its four patch embeddings in order. It has fields `dtype` and
+    `num_classes`.
+    """
+
+    def embeddings(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        raise NotImplementedError
+
+    def forward_features(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+        """The outputs of the four stages (strides 4, 8, 16, 32), NHWC, before any norm."""
+        check_input(x)
+        x = x.astype(self.dtype)
+        feats = []
+        for embed, stage in zip(self.embeddings(), (self.stage1, self.stage2, self.stage3, self.stage4)):
+            x = embed(x, train)
+            for blk in stage:
+                x = blk(x, train)
+            feats.append(x)
+        return feats
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Logits (float32), or the pooled features when num_classes == 0."""
+        x = self.norm(self.forward_features(x, train)[-1])
+        x = x.astype(jnp.float32).mean(axis=(1, 2))
+        return self.head(x) if self.num_classes > 0 else x
+
+
 def check_input(x: jax.Array) -> None:
     """Reject inputs the models cannot take, with a message that says what to pass instead."""
     if x.ndim != 4:

@@ -111,7 +111,7 @@ class PatchEmbed(nn.Module):
         return layers.layer_norm(LN_EPS, self.dtype, 'norm')(x)
 
 
-class ResTV2(nn.Module):
+class ResTV2(layers.Backbone):
     """ResTv2. `__call__` gives logits; `forward_features` the four stage outputs (NHWC)."""
     num_classes: int = 1000
     embed_dims: Sequence[int] = (96, 192, 384, 768)
@@ -136,23 +136,8 @@ class ResTV2(nn.Module):
         if self.num_classes > 0:
             self.head = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=layers.weight_init)
 
-    def forward_features(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-        """The outputs of the four stages (strides 4, 8, 16, 32), NHWC, before any norm."""
-        layers.check_input(x)
-        x = x.astype(self.dtype)
-        feats = []
-        embeds = (self.stem, self.patch_2, self.patch_3, self.patch_4)
-        for embed, stage in zip(embeds, (self.stage1, self.stage2, self.stage3, self.stage4)):
-            x = embed(x, train)
-            for blk in stage:
-                x = blk(x, train)
-            feats.append(x)
-        return feats
-
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = self.norm(self.forward_features(x, train)[-1])
-        x = x.astype(jnp.float32).mean(axis=(1, 2))
-        return self.head(x) if self.num_classes > 0 else x
+    def embeddings(self):
+        return (self.stem, self.patch_2, self.patch_3, self.patch_4)
 
 
 def _v2(name: str, top1: float, gflops: float, **arch) -> None:
