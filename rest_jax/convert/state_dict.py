@@ -109,9 +109,11 @@ def variables_from_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -
         want_torch = tuple(_torch_layout(np.empty(want.shape, np.uint8)).shape)
         if array.shape != want_torch:
             mismatched.append(f'{key}: checkpoint {tuple(array.shape)} vs model {want_torch}')
+            filled[path] = None  # present, but reported as mis-shaped rather than missing
             continue
         filled[path] = jnp.asarray(_from_torch(array, array.ndim), dtype=want.dtype)
     missing = [_torch_name(p) for p in flat if p not in filled]
+    filled = {p: v for p, v in filled.items() if v is not None}
     problems = []
     for label, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', mismatched)):
         if items:
