@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rest_jax.convert.pth import load_pth
-from rest_jax.convert.state_dict import _abstract_variables, strip_prefixes, variables_from_state_dict
+from rest_jax.convert.state_dict import abstract_variables, strip_prefixes, variables_from_state_dict
 from rest_jax.models.registry import create_model, list_models, model_info
 
 FORMAT = 'rest_jax.converted/1'
@@ -324,7 +324,7 @@ def load_pretrained(path: str | os.PathLike, ema: bool = False):
     if ema:
         raise ValueError(f'{path} holds one set of weights; convert with --ema instead')
     model = create_model(meta['model'], **meta['config'])
-    target = _abstract_variables(model)
+    target = abstract_variables(model)
     target = {'params': target.get('params', {}), 'batch_stats': target.get('batch_stats', {})}
     checkpointer = ocp.StandardCheckpointer()
     try:

@@ -65,7 +65,8 @@ def _target(module: tuple[str, ...], leaf: str, flat: Mapping[tuple[str, ...], A
     return None
 
 
-def _abstract_variables(model: nn.Module) -> dict:
+def abstract_variables(model: nn.Module) -> dict:
+    """Shapes and dtypes of `model`'s variables (jax.ShapeDtypeStruct leaves), computed without FLOPs."""
     # Parameter shapes do not depend on the input size; eval_shape costs a trace, no FLOPs.
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
 
@@ -94,7 +95,7 @@ def variables_from_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -
       ValueError: listing every missing key, unexpected key and shape mismatch (in PyTorch's
         names and layouts), so that a wrong variant or num_classes shows at once.
     """
-    flat = traverse_util.flatten_dict(_abstract_variables(model))
+    flat = traverse_util.flatten_dict(abstract_variables(model))
     filled: dict[tuple[str, ...], np.ndarray] = {}
     unexpected, mismatched = [], []
     for key, value in strip_prefixes(state_dict).items():
