@@ -1,9 +1,25 @@
 """Shared test fixtures: the golden outputs of the official code, and the reduced models they came from."""
 
+import atexit
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Compilation dominates this suite's time, and many tests (and the subprocesses they start: the CLIs,
+# train.py) compile identical programs. A persistent XLA cache for the session turns the repeats into
+# loads. Set before jax is imported, so the subprocesses inherit it through the environment.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    _cache = tempfile.mkdtemp(prefix='rest_jax_test_xla_cache_')
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+    os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+    if 'jax' in sys.modules:  # imported early by a plugin: configure it directly
+        sys.modules['jax'].config.update('jax_compilation_cache_dir', _cache)
+        sys.modules['jax'].config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 REPO = Path(__file__).resolve().parents[1]
 # CI clones the repo with shared/ beside it; REST_JAX_GOLDEN points elsewhere if needed.

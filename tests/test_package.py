@@ -9,7 +9,7 @@ from conftest import REPO
 
 def test_import_without_tensorflow_and_torch():
     code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['torch'] = None\n"
-            "import rest_jax, rest_jax.convert, rest_jax.convert.pth, rest_jax.demo\n"
+            "import rest_jax, rest_jax.convert, rest_jax.convert.pth, rest_jax.demo, rest_jax.inference, rest_jax.predict\n"
             "assert len(rest_jax.list_models()) == 8")
     subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO)
 
