@@ -1,0 +1,101 @@
+"""Input-pipeline throughput: images/s, and per CPU core, of the train and eval pipelines.
+
+    python -m rest_jax.data.benchmark --config configs/restv2_t.py [--config.x=y ...] [--json]
+
+By default it reads a synthetic image folder of ImageNet-sized JPEGs (crops of the two photos
+that scikit-learn ships, 300-500 px a side), so it needs no dataset; --nosynthetic reads
+config.dataset instead. The batch size is --batch (config.batch_size is sized for a pod).
+"""
+
+import json
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file', lock_config=True)
+_JSON = flags.DEFINE_bool('json', False, 'print one JSON object instead of text')
+_SYNTHETIC = flags.DEFINE_bool('synthetic', True, 'read a synthetic JPEG folder, not config.dataset')
+_BATCH = flags.DEFINE_integer('batch', 64, 'batch size of the measured pipelines')
+_STEPS = flags.DEFINE_integer('steps', 20, 'batches timed per pipeline (after warm-up batches)')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'batches read before timing')
+
+
+def make_photo_folder(root, num_classes=4, train_per_class=48, val_per_class=24, seed=0):
+  """Writes root/{train,val}/<class>/*.jpg: random crops of scikit-learn's sample photos."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+  photos = load_sample_images().images  # two 427 x 640 RGB photos
+  rng = np.random.default_rng(seed)
+  for split, count in (('train', train_per_class), ('val', val_per_class)):
+    for c in range(num_classes):
+      os.makedirs(f'{root}/{split}/class{c}', exist_ok=True)
+      for k in range(count):
+        photo = photos[(c + k) % 2]
+        h, w = rng.integers(300, 427), rng.integers(300, 500)
+        top, left = rng.integers(0, 428 - h), rng.integers(0, 641 - w)
+        crop = photo[top:top + h, left:left + w]
+        if rng.random() < 0.5:
+          crop = crop[:, ::-1]
+        Image.fromarray(np.ascontiguousarray(crop)).save(f'{root}/{split}/class{c}/{k}.jpg',
+                                                         quality=90)
+
+
+def _rate(iterator, batch, steps, warmup):
+  for _ in range(warmup):
+    next(iterator)
+  start = time.perf_counter()
+  for _ in range(steps):
+    next(iterator)
+  return steps * batch / (time.perf_counter() - start)
+
+
+def measure(config, steps, warmup):
+  """(train images/s, eval images/s) of the pipelines of ``config`` on this host."""
+  from rest_jax import data  # pylint: disable=g-import-not-at-top
+  train = iter(data.pipeline.train_dataset(config, process_index=0, process_count=1))
+  train_rate = _rate(train, config.batch_size * config.update_freq, steps, warmup)
+  del train
+
+  evaluation = iter(data.pipeline.eval_dataset(config, process_index=0, process_count=1).repeat())
+  eval_rate = _rate(evaluation, config.batch_size, steps, warmup)
+  return train_rate, eval_rate
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required, e.g. --config configs/restv2_t.py')
+  cores = len(os.sched_getaffinity(0))
+  with tempfile.TemporaryDirectory() as tmp:
+    with config.unlocked():
+      config.batch_size, config.update_freq = _BATCH.value, 1
+      if _SYNTHETIC.value:
+        make_photo_folder(f'{tmp}/photos')
+        os.environ['TFDS_DATA_DIR'] = f'{tmp}/tfds'
+        config.dataset, config.data_dir = 'image_folder', f'{tmp}/photos'
+        config.data.train_split, config.data.eval_split = 'train', 'val'
+        config.model.num_classes = 4
+    train_rate, eval_rate = measure(config, _STEPS.value, _WARMUP.value)
+  result = {
+      'dataset': config.dataset, 'image_size': config.image_size, 'batch': config.batch_size,
+      'randaug': config.data.randaug, 'reprob': config.data.reprob, 'cpu_cores': cores,
+      'train_images_per_sec': round(train_rate, 1),
+      'train_images_per_sec_per_core': round(train_rate / cores, 1),
+      'eval_images_per_sec': round(eval_rate, 1),
+      'eval_images_per_sec_per_core': round(eval_rate / cores, 1),
+  }
+  if _JSON.value:
+    print(json.dumps(result))
+  else:
+    for key, value in result.items():
+      print(f'{key:32s} {value}')
+
+
+if __name__ == '__main__':
+  app.run(main)
