@@ -163,13 +163,18 @@ def _pil_eval(data, size, crop_pct):
   return np.asarray(image.crop((left, top, left + size, top + size)), np.float32)
 
 
-@pytest.mark.parametrize('size', [224, 384])
-def test_eval_transform_matches_pil(jpeg, size):
+@pytest.mark.parametrize('size,portrait', [(224, False), (224, True), (384, False)])
+def test_eval_transform_matches_pil(jpeg, size, portrait):
   """The official eval transform (PIL bicubic resize + center crop, or a warp at >= 384)."""
 
   class Data:
     crop_pct, mean, std = 0.875, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
+  if portrait:  # the crop window (decoded alone) then runs along the other axis
+    from sklearn.datasets import load_sample_images
+    buffer = io.BytesIO()
+    Image.fromarray(load_sample_images().images[1][:420, 100:390]).save(buffer, 'JPEG', quality=90)
+    jpeg = buffer.getvalue()
   ours = _both(lambda j: augment.eval_transform(j, Data, size), tf.constant(jpeg))
   pixels = (ours * np.array(Data.std) + np.array(Data.mean)) * 255
   diff = np.abs(pixels - _pil_eval(jpeg, size, Data.crop_pct))

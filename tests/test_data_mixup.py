@@ -88,3 +88,19 @@ def test_graph_equals_eager():
   run = lambda im: mixup.mix_batch(im, labels, seed, num_classes=C, groups=2)[:2]
   for a, b in zip(run(images), tf.function(run)(images)):
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize('groups', [1, 3])
+def test_looped_mixing_equals_vectorized(groups):
+  """The per-micro-batch form (used up to a few micro-batches) gives the vectorized form's pixels."""
+  rng = np.random.default_rng(0)
+  images = tf.constant(rng.normal(size=[4 * groups, 12, 10, 3]).astype(np.float32))
+  kinds = set()
+  for s in range(6):
+    box = tuple(tf.constant(rng.integers(lo, lo + 7, groups), tf.int32) for lo in (0, 6, 0, 5))
+    lam = tf.constant(rng.choice([0.3, 0.7, 1.0], groups), tf.float32)
+    use_cutmix = tf.constant(rng.random(groups) < 0.5)
+    kinds.update(zip(use_cutmix.numpy(), lam.numpy() < 1))
+    looped = mixup._mix_looped(images, groups, lam, use_cutmix, box)
+    np.testing.assert_array_equal(looped, mixup._mix_vectorized(images, groups, lam, use_cutmix, box))
+  assert len(kinds) >= 3  # cutmix, mixup and unmixed micro-batches were all seen

@@ -5,10 +5,16 @@
 By default it reads a synthetic image folder of ImageNet-sized JPEGs (crops of the two photos
 that scikit-learn ships, 300-500 px a side), so it needs no dataset; --nosynthetic reads
 config.dataset instead. The batch size is --batch (config.batch_size is sized for a pod).
+
+Besides images/s (wall clock) it prints CPU milliseconds per image and images per CPU-second
+(process CPU time, all tf.data threads): on a machine shared with other work, wall-clock rates
+per core fall with the load while CPU time per image hardly moves; images per CPU-second is what
+one core would give with the machine to itself.
 """
 
 import json
 import os
+import resource
 import tempfile
 import time
 
@@ -45,25 +51,37 @@ def make_photo_folder(root, num_classes=4, train_per_class=48, val_per_class=24,
                                                          quality=90)
 
 
+def _cpu_seconds():
+  """CPU time of this process so far, all threads (tf.data's included), user + system."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def _rate(iterator, batch, steps, warmup):
+  """(images/s of wall time, CPU milliseconds per image) over ``steps`` batches.
+
+  CPU time per image hardly depends on what else runs on the machine; wall time does. Both count
+  the work done in the window, prefetching of later batches included (steady state).
+  """
   for _ in range(warmup):
     next(iterator)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), _cpu_seconds()
   for _ in range(steps):
     next(iterator)
-  return steps * batch / (time.perf_counter() - start)
+  wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+  return steps * batch / wall, 1000 * cpu / (steps * batch)
 
 
 def measure(config, steps, warmup):
-  """(train images/s, eval images/s) of the pipelines of ``config`` on this host."""
+  """{train, eval} -> (images/s, CPU ms per image) of the pipelines of ``config`` on this host."""
   from rest_jax import data  # pylint: disable=g-import-not-at-top
   train = iter(data.pipeline.train_dataset(config, process_index=0, process_count=1))
-  train_rate = _rate(train, config.batch_size * config.update_freq, steps, warmup)
+  rates = {'train': _rate(train, config.batch_size * config.update_freq, steps, warmup)}
   del train
 
   evaluation = iter(data.pipeline.eval_dataset(config, process_index=0, process_count=1).repeat())
-  eval_rate = _rate(evaluation, config.batch_size, steps, warmup)
-  return train_rate, eval_rate
+  rates['eval'] = _rate(evaluation, config.batch_size, steps, warmup)
+  return rates
 
 
 def main(argv):
@@ -81,15 +99,20 @@ def main(argv):
         config.dataset, config.data_dir = 'image_folder', f'{tmp}/photos'
         config.data.train_split, config.data.eval_split = 'train', 'val'
         config.model.num_classes = 4
-    train_rate, eval_rate = measure(config, _STEPS.value, _WARMUP.value)
+    rates = measure(config, _STEPS.value, _WARMUP.value)
   result = {
       'dataset': config.dataset, 'image_size': config.image_size, 'batch': config.batch_size,
       'randaug': config.data.randaug, 'reprob': config.data.reprob, 'cpu_cores': cores,
-      'train_images_per_sec': round(train_rate, 1),
-      'train_images_per_sec_per_core': round(train_rate / cores, 1),
-      'eval_images_per_sec': round(eval_rate, 1),
-      'eval_images_per_sec_per_core': round(eval_rate / cores, 1),
+      'load_average': round(os.getloadavg()[0], 2),
   }
+  for name, (rate, cpu_ms) in rates.items():
+    result.update({
+        f'{name}_images_per_sec': round(rate, 1),
+        f'{name}_images_per_sec_per_core': round(rate / cores, 1),
+        # The per-core figure without contention: 1000 / (CPU ms per image).
+        f'{name}_cpu_ms_per_image': round(cpu_ms, 2),
+        f'{name}_images_per_cpu_second': round(1000 / cpu_ms, 1),
+    })
   if _JSON.value:
     print(json.dumps(result))
   else:

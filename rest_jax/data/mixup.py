@@ -82,10 +82,50 @@ def mix_batch(images, labels, seed, *, num_classes, groups=1, mixup_alpha=0.8, c
   (top, bottom, left, right), box_lam = cutmix_box(s[4], lam, height, width)
   lam = tf.where(use_cutmix, box_lam, lam)
 
+  if groups <= _MAX_LOOPED_GROUPS:
+    x = _mix_looped(images, groups, lam, use_cutmix, (top, bottom, left, right))
+  else:
+    x = _mix_vectorized(images, groups, lam, use_cutmix, (top, bottom, left, right))
+  y = tf.reshape(targets, [rows, groups, num_classes])
+  y = lam[None, :, None] * y + (1.0 - lam[None, :, None]) * tf.reverse(y, [0])
+  return x, tf.reshape(y, [n, num_classes]), dict(lam=lam, use_cutmix=use_cutmix)
+
+
+# Up to this many micro-batches, each is mixed on its own, computing only the kind it draws: a
+# scalar lam, and CutMix by slicing; several times cheaper than the vectorized form, which computes
+# both kinds for every pixel and selects with broadcast masks. Both give identical results.
+_MAX_LOOPED_GROUPS = 8
+
+
+def _mix_looped(images, groups, lam, use_cutmix, box):
+  n, height, width = images.shape[0], images.shape[1], images.shape[2]
+  rows = n // groups
+  x = tf.reshape(images, [rows, groups, height, width, -1])
+  out = []
+  for g in range(groups):
+    top, bottom, left, right = (b[g] for b in box)
+
+    def blend(x=x[:, g], lam=lam[g]):
+      return lam * x + (1.0 - lam) * tf.reverse(x, [0])
+
+    def paste(x=x[:, g], top=top, bottom=bottom, left=left, right=right):
+      pair = tf.reverse(x[:, top:bottom, left:right], [0])
+      band = tf.concat([x[:, top:bottom, :left], pair, x[:, top:bottom, right:]], axis=2)
+      return tf.concat([x[:, :top], band, x[:, bottom:]], axis=1)
+
+    # lam == 1 (not mixed) blends to the image itself; skip the work.
+    out.append(tf.case([(use_cutmix[g], paste), (lam[g] < 1.0, blend)],
+                       default=lambda x=x[:, g]: x, exclusive=False))
+  return tf.reshape(tf.stack(out, axis=1), tf.shape(images))
+
+
+def _mix_vectorized(images, groups, lam, use_cutmix, box):
+  top, bottom, left, right = box
+  n, height, width = images.shape[0], images.shape[1], images.shape[2]
+  rows = n // groups
   # [rows, groups, ...]: column g is micro-batch g; reversing axis 0 pairs row i with rows-1-i.
   x = tf.reshape(images, [rows, groups, height, width, -1])
-  y = tf.reshape(targets, [rows, groups, num_classes])
-  x_pair, y_pair = tf.reverse(x, [0]), tf.reverse(y, [0])
+  x_pair = tf.reverse(x, [0])
   i = tf.range(height)[None, :, None]
   j = tf.range(width)[None, None, :]
   box = ((i >= top[:, None, None]) & (i < bottom[:, None, None])
@@ -94,6 +134,4 @@ def mix_batch(images, labels, seed, *, num_classes, groups=1, mixup_alpha=0.8, c
   blended = lam_x * x + (1.0 - lam_x) * x_pair
   pasted = tf.where(box[None, :, :, :, None], x_pair, x)
   x = tf.where(use_cutmix[None, :, None, None, None], pasted, blended)
-  y = lam[None, :, None] * y + (1.0 - lam[None, :, None]) * y_pair
-  return (tf.reshape(x, tf.shape(images)), tf.reshape(y, [n, num_classes]),
-          dict(lam=lam, use_cutmix=use_cutmix))
+  return tf.reshape(x, tf.shape(images))
