@@ -250,3 +250,22 @@ def test_missing_imagenet_tar_says_where_it_goes(tmp_path):
   assert f'{tmp_path}/downloads/manual/ILSVRC2012_img_train.tar' in message
   assert f'it is at {tmp_path}/ILSVRC2012_img_train.tar: move it' in message
   assert f'{tmp_path}/downloads/manual/ILSVRC2012_img_val.tar' in message
+
+
+def test_open_iterators_do_not_hang_the_exit(digits):
+  # A script that leaves iterators open at module level (as notebooks and quick scripts do) must
+  # exit: their prefetch threads wait in tf.numpy_function for the GIL during finalization.
+  import subprocess
+  import sys
+  from pathlib import Path
+  config, _ = digits
+  tests = Path(__file__).parent
+  script = (f'import sys; sys.path[:0] = [{str(tests.parent)!r}, {str(tests)!r}]\n'
+            'from test_data_pipeline import make_config\n'
+            'from rest_jax import data\n'
+            f'config = make_config({config.data_dir!r})\n'
+            'train, evaluation = data.train_iterator(config), data.eval_iterator(config)\n'
+            'next(train); next(evaluation)\n'
+            'print("ok")\n')
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-2000:]

@@ -11,6 +11,9 @@ so config.data.shuffle_buffer is not needed), and the hosts read disjoint rows o
 batch.
 """
 
+import atexit
+import weakref
+
 import jax
 import numpy as np
 import tensorflow as tf
@@ -22,6 +25,22 @@ from rest_jax.data import mixup
 
 # Distinct first seed words for the three random streams drawn from config.seed.
 _SHUFFLE, _AUGMENT, _MIX = 0, 1, 2
+
+# Iterators still open at interpreter exit: their prefetch threads wait in tf.numpy_function for
+# the GIL, and tearing them down during finalization deadlocks the exit. They are closed (which
+# frees the tf.data iterator) by an atexit hook, while the interpreter is still whole.
+_OPEN = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators():
+  for iterator in list(_OPEN):
+    iterator.close()
+
+
+def _closed_at_exit(iterator):
+  _OPEN.add(iterator)
+  return iterator
 
 
 def _processes(process_index, process_count):
@@ -167,13 +186,15 @@ def train_iterator(config, *, start_step=0, process_index=None, process_count=No
       uninterrupted run yields from that step on.
     process_index, process_count: this host and the number of hosts (default: JAX's).
 
-  Yields:
+  Returns:
+    An iterator of
     {'image': float32 [L, S, S, 3] normalized, 'label': float32 [L, num_classes] soft targets}
     with L = batch_size * update_freq // process_count; row r belongs to micro-batch
     r % update_freq, and Mixup/CutMix mixes within each micro-batch's rows of this host.
   """
-  yield from train_dataset(config, start_step=start_step, process_index=process_index,
-                           process_count=process_count).as_numpy_iterator()
+  dataset = train_dataset(config, start_step=start_step, process_index=process_index,
+                          process_count=process_count)
+  return _closed_at_exit(_numpy_batches(dataset))
 
 
 def eval_dataset(config, *, process_index=None, process_count=None):
@@ -211,12 +232,17 @@ def eval_iterator(config, *, process_index=None, process_count=None):
     config: the run's ConfigDict.
     process_index, process_count: this host and the number of hosts (default: JAX's).
 
-  Yields:
+  Returns:
+    An iterator of
     {'image': float32 [L, S, S, 3], 'label': int32 [L], 'mask': bool [L]}, L = batch_size //
     process_count; each real example appears exactly once over all hosts with mask True.
   """
-  yield from eval_dataset(config, process_index=process_index,
-                          process_count=process_count).as_numpy_iterator()
+  dataset = eval_dataset(config, process_index=process_index, process_count=process_count)
+  return _closed_at_exit(_numpy_batches(dataset))
+
+
+def _numpy_batches(dataset):
+  yield from dataset.as_numpy_iterator()
 
 
 def make_global(batch, sharding):
