@@ -1,0 +1,349 @@
+"""Model throughput: images/s, compile time, memory, parameters, analytic MACs and MFU.
+
+    python -m rest_jax.benchmark --model restv2_tiny --batch-size 8 --image-size 224 \\
+        --mode infer|train --dtype float32|bfloat16 [--json]
+    python -m rest_jax.benchmark --all                  # the eight variants as a Markdown table
+    python -m rest_jax.benchmark --official ~/ResT      # the official PyTorch code side by side
+
+Protocol: compile first (timed apart), two warm-up calls, then `--repeats` timed calls, each waited
+for; the figure is the median. `--mode train` times a whole optimizer step (forward, backward and
+AdamW update) on synthetic images and labels, with BatchNorm in train mode and a dropout rng. Needs
+neither tensorflow nor torch; torch is imported only for `--official`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import rest_jax
+from rest_jax.models.layers import default_conv_impl
+from rest_jax.models.macs import count_macs
+
+# Dense peak FLOP/s per device, by device_kind substring (first match wins): (bfloat16, float32).
+# GPUs: float32 matmuls run as TF32 on tensor cores (XLA's default precision), so float32 is held to
+# the TF32 peak. TPUs: XLA's default precision computes float32 matmuls in bfloat16 passes.
+PEAK_FLOPS: list[tuple[str, float, float]] = [
+    ('H200', 989e12, 495e12),
+    ('H100 PCIe', 756e12, 378e12),
+    ('H100', 989e12, 495e12),            # SXM and NVL
+    ('A100', 312e12, 156e12),
+    ('L4', 121e12, 60e12),
+    ('A10', 125e12, 62.5e12),
+    ('TPU v6', 918e12, 918e12),          # v6e (Trillium)
+    ('TPU v5 lite', 197e12, 197e12),     # v5e
+    ('TPU v5e', 197e12, 197e12),
+    ('TPU v5', 459e12, 459e12),          # v5p
+    ('TPU v4', 275e12, 275e12),
+]
+
+
+def peak_flops(device: jax.Device, dtype: str) -> float | None:
+    """The device's dense peak for `dtype`, or None where it is not in PEAK_FLOPS (CPUs, unknown kinds)."""
+    if device.platform == 'cpu':
+        return None
+    for kind, bf16, fp32 in PEAK_FLOPS:
+        if kind.lower() in device.device_kind.lower():
+            return bf16 if dtype == 'bfloat16' else fp32
+    return None
+
+
+def num_params(variables: Any) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables['params']))
+
+
+def time_calls(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each function, interleaved round-robin so that load on a shared machine
+    falls on all of them alike. Each call must return only once its work is done."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def build(name: str, mode: str = 'infer', batch_size: int = 8, image_size: int = 224, dtype: str = 'float32',
+          **overrides: Any) -> dict[str, Any]:
+    """Compile the forward pass ('infer') or a whole AdamW step ('train') of a variant on synthetic data.
+
+    Args:
+      name: a registered variant.
+      mode: 'infer' (eval-mode logits) or 'train' (forward, backward, AdamW update, BatchNorm statistics).
+      batch_size, image_size: the synthetic batch (square images, NHWC).
+      dtype: computation dtype, 'float32' or 'bfloat16' (parameters stay float32).
+      **overrides: passed to `create_model` (e.g. `conv_impl`, a reduced architecture).
+
+    Returns:
+      A dict with `call` (runs one step and waits for it), the model, `compile_seconds`, `num_params`,
+      `macs_per_image`, `xla_flops_per_image` (XLA's cost analysis, for comparison) and `memory_bytes`.
+    """
+    if mode not in ('infer', 'train'):
+        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
+    if dtype not in ('float32', 'bfloat16'):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if batch_size < 1 or image_size < 32:
+        raise ValueError(f'need batch_size >= 1 and image_size >= 32, got {batch_size} and {image_size}')
+    model = rest_jax.create_model(name, dtype=jnp.dtype(dtype), **overrides)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+    images = jax.random.normal(jax.random.key(1), (batch_size, image_size, image_size, 3))
+    classes = max(model.num_classes, 1)
+    labels = jax.random.randint(jax.random.key(2), (batch_size,), 0, classes)
+
+    if mode == 'infer':
+        fn = jax.jit(lambda v, x: model.apply(v, x))
+        args = (variables, images)
+    else:
+        tx = optax.adamw(1e-3, weight_decay=0.05)
+
+        def loss_fn(params, batch_stats, x, y, rng):
+            out, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                                       mutable=['batch_stats'], rngs={'dropout': rng})
+            if out.shape[-1] != classes:   # num_classes=0: pooled features, a stand-in loss
+                out = out[:, :classes]
+            loss = optax.softmax_cross_entropy_with_integer_labels(out.astype(jnp.float32), y).mean()
+            return loss, updates['batch_stats']
+
+        def step(state, x, y):
+            params, batch_stats, opt_state, rng = state
+            rng, drop_rng = jax.random.split(rng)
+            (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, y, drop_rng)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), batch_stats, opt_state, rng), loss
+
+        # The state is donated: each step updates parameters and optimizer moments in place.
+        fn = jax.jit(step, donate_argnums=0)
+        params = variables['params']
+        args = ((params, variables['batch_stats'], tx.init(params), jax.random.key(3)), images, labels)
+
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_seconds = time.perf_counter() - start
+
+    if mode == 'infer':
+        def call():
+            jax.block_until_ready(compiled(*args))
+    else:
+        holder = [args[0]]
+
+        def call():
+            holder[0], loss = compiled(holder[0], *args[1:])
+            jax.block_until_ready(loss)
+
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    xla_flops = float(cost.get('flops', 0.0)) if cost else 0.0
+    memory = compiled.memory_analysis()
+    memory_bytes = None
+    if memory is not None:
+        memory_bytes = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    return dict(call=call, compiled=compiled, model=model, compile_seconds=compile_seconds,
+                num_params=num_params(variables),
+                macs_per_image=count_macs(model, image_size)['total'],
+                xla_flops_per_image=xla_flops / batch_size, memory_bytes=memory_bytes)
+
+
+def _peak_memory(device: jax.Device, planned: int | None) -> tuple[int | None, str]:
+    stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+    if stats and 'peak_bytes_in_use' in stats:
+        return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
+    return planned, "XLA's buffer plan (arguments + outputs + temporaries)"
+
+
+def benchmark(name: str, mode: str = 'infer', batch_size: int = 8, image_size: int = 224, dtype: str = 'float32',
+              repeats: int = 10, official: str | None = None, official_compile: bool = False,
+              **overrides: Any) -> dict[str, Any]:
+    """Time one variant (optionally beside the official PyTorch code) and return the figures.
+
+    Args:
+      name, mode, batch_size, image_size, dtype, **overrides: as `build`.
+      repeats: timed calls after two warm-up calls; the median is reported.
+      official: path of a clone of wofmanaf/ResT; its model is timed interleaved with ours (needs torch).
+      official_compile: also time the official model under torch.compile (inference only).
+
+    Returns:
+      A JSON-able dict: images_per_sec, step_ms (median) and step_ms_min, compile_seconds,
+      macs_per_image, xla_flops_per_image, num_params, peak_memory_bytes, mfu (None without a known
+      accelerator peak), the device, and `official` figures when asked for.
+    """
+    built = build(name, mode, batch_size, image_size, dtype, **overrides)
+    calls = {'rest_jax': built['call']}
+    if official:
+        calls.update(official_calls(official, name, mode, batch_size, image_size, official_compile, **overrides))
+    times = time_calls(calls, repeats)
+    median = statistics.median(times['rest_jax'])
+    device = jax.devices()[0]
+    images_per_sec = batch_size / median
+    # Forward = 2 FLOPs per MAC; a training step ~3x the forward (backward = two matmuls per forward one).
+    flops_per_image = 2 * built['macs_per_image'] * (3 if mode == 'train' else 1)
+    peak = peak_flops(device, dtype)
+    memory, memory_source = _peak_memory(device, built['memory_bytes'])
+    result = dict(
+        model=name, mode=mode, dtype=dtype, batch_size=batch_size, image_size=image_size,
+        images_per_sec=images_per_sec, step_ms=median * 1e3, step_ms_min=min(times['rest_jax']) * 1e3,
+        repeats=repeats, compile_seconds=built['compile_seconds'], num_params=built['num_params'],
+        macs_per_image=built['macs_per_image'], xla_flops_per_image=built['xla_flops_per_image'],
+        peak_memory_bytes=memory, peak_memory_source=memory_source,
+        mfu=images_per_sec * flops_per_image / peak if peak else None,
+        mfu_note=(f'against {peak / 1e12:.0f} TFLOP/s ({device.device_kind}, {dtype})' if peak else
+                  f'no peak FLOP/s known for {device.device_kind!r} ({device.platform}); MFU omitted'),
+        backend=jax.default_backend(), device_kind=device.device_kind, device_count=jax.device_count(),
+        cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
+        jax_version=jax.__version__,
+        conv_impl=default_conv_impl() if built['model'].conv_impl == 'auto' else built['model'].conv_impl)
+    if official:
+        result['official'] = {key: dict(images_per_sec=batch_size / statistics.median(t),
+                                        step_ms=statistics.median(t) * 1e3)
+                              for key, t in times.items() if key != 'rest_jax'}
+    return result
+
+
+def official_calls(path: str, name: str, mode: str, batch_size: int, image_size: int, compile_too: bool,
+                   **overrides: Any) -> dict[str, Callable[[], None]]:
+    """One step of the official PyTorch model from a clone of wofmanaf/ResT at `path` (same protocol)."""
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit('--official needs torch (pip install torch); rest_jax itself does not') from None
+    if not os.path.isfile(os.path.join(path, 'models', 'rest_v2.py')):
+        raise SystemExit(f'--official: {path} has no models/rest_v2.py; pass a clone of wofmanaf/ResT')
+    sys.path.insert(0, os.path.abspath(path))
+    try:
+        from models import rest, rest_v2  # the official modules (they import timm)
+    except ImportError as e:
+        raise SystemExit(f'--official: importing the official models failed ({e}); they need timm') from None
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count())
+    info = rest_jax.model_info(name)
+    arch = {k: list(v) if isinstance(v, tuple) else v for k, v in {**info.arch, **overrides}.items() if k != 'conv_impl'}
+    model = (rest.ResT if name.startswith('rest_') else rest_v2.ResTV2)(**arch)
+    x = torch.randn(batch_size, 3, image_size, image_size)
+    if mode == 'train':
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        y = torch.randint(0, max(getattr(model, 'num_classes', 1000), 1), (batch_size,))
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return {'official eager': step}
+    model.eval()
+
+    def runner(m):
+        def run():
+            with torch.inference_mode():
+                m(x)
+        return run
+    calls = {'official eager': runner(model)}
+    if compile_too:
+        calls['official torch.compile'] = runner(torch.compile(model))
+    return calls
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """The figures of several runs as a Markdown table."""
+    with_official = sorted({k for r in results for k in r.get('official', {})})
+    head = ['variant', 'params', 'GMACs', 'compile s', 'images/s', 'ms/step', 'memory MiB', 'MFU']
+    head += [f'{k} images/s' for k in with_official]
+    rows = ['| ' + ' | '.join(head) + ' |', '|' + '---|' + '---:|' * (len(head) - 1)]
+    for r in results:
+        cells = [r['model'], f"{r['num_params'] / 1e6:.2f} M", f"{r['macs_per_image'] / 1e9:.2f}",
+                 f"{r['compile_seconds']:.1f}", f"{r['images_per_sec']:.1f}", f"{r['step_ms']:.0f}",
+                 f"{r['peak_memory_bytes'] / 2 ** 20:.0f}" if r['peak_memory_bytes'] else 'n/a',
+                 f"{r['mfu']:.1%}" if r['mfu'] is not None else 'n/a']
+        cells += [f"{r['official'][k]['images_per_sec']:.1f}" if k in r.get('official', {}) else '' for k in with_official]
+        rows.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(rows)
+
+
+def describe(r: dict[str, Any]) -> str:
+    lines = [f"{r['model']} {r['mode']} ({r['dtype']}, batch {r['batch_size']} at {r['image_size']}, "
+             f"{r['backend']}: {r['device_kind']}, {r['cpu_count']} CPUs, conv_impl {r['conv_impl']})",
+             f"  images/s        {r['images_per_sec']:.1f}  (median {r['step_ms']:.1f} ms/step, "
+             f"best {r['step_ms_min']:.1f}, {r['repeats']} runs)",
+             f"  compile         {r['compile_seconds']:.1f} s",
+             f"  parameters      {r['num_params'] / 1e6:.2f} M",
+             f"  MACs per image  {r['macs_per_image'] / 1e9:.3f} G analytic (conv, linear, attention matmuls); "
+             f"XLA cost analysis: {r['xla_flops_per_image'] / 2e9:.3f} G (flops / 2)",
+             f"  peak memory     " + (f"{r['peak_memory_bytes'] / 2 ** 20:.0f} MiB ({r['peak_memory_source']})"
+                                      if r['peak_memory_bytes'] else 'n/a'),
+             f"  MFU             " + (f"{r['mfu']:.1%} {r['mfu_note']}" if r['mfu'] is not None else r['mfu_note'])]
+    for key, o in r.get('official', {}).items():
+        lines.append(f"  {key:<15} {o['images_per_sec']:.1f} images/s ({o['step_ms']:.1f} ms/step), "
+                     f"rest_jax is {r['images_per_sec'] / o['images_per_sec']:.2f}x")
+    return '\n'.join(lines)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f'not valid JSON ({e}): {text!r}') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'expected a JSON object of create_model overrides, got {text!r}')
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument('--model', default='restv2_tiny', choices=rest_jax.list_models())
+    parser.add_argument('--all', action='store_true', help='every variant, as a Markdown table')
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--image-size', type=int, default=224)
+    parser.add_argument('--mode', default='infer', choices=['infer', 'train'])
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+    parser.add_argument('--repeats', type=int, default=10, help='timed calls (median reported)')
+    parser.add_argument('--conv-impl', default='auto', choices=['auto', 'lax', 'shift'],
+                        help="depthwise conv form (auto: 'shift' on CPU, 'lax' elsewhere)")
+    parser.add_argument('--arch', type=_json_object, default={}, metavar='JSON',
+                        help='create_model overrides, e.g. \'{"embed_dims": [32, 64, 128, 256], "depths": [1, 1, 1, 1]}\'')
+    parser.add_argument('--official', metavar='PATH', help='a clone of wofmanaf/ResT to time side by side (needs torch)')
+    parser.add_argument('--official-compile', action='store_true', help='also time the official code under torch.compile')
+    parser.add_argument('--json', action='store_true', help='print one JSON object instead of text')
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f'--repeats must be at least 1, got {args.repeats}')
+    if args.batch_size < 1 or args.image_size < 32:
+        parser.error(f'need --batch-size >= 1 and --image-size >= 32, got {args.batch_size} and {args.image_size}')
+
+    if {'conv_impl', 'dtype'} & set(args.arch):
+        parser.error('--arch: set conv_impl and dtype with --conv-impl and --dtype')
+    names = rest_jax.list_models() if args.all else [args.model]
+    results = []
+    for name in names:
+        try:
+            r = benchmark(name, args.mode, args.batch_size, args.image_size, args.dtype, args.repeats,
+                          official=args.official, official_compile=args.official_compile, conv_impl=args.conv_impl,
+                          **args.arch)
+        except ValueError as e:   # a bad override or size: create_model's message says what is valid
+            parser.error(str(e))
+        results.append(r)
+        if not args.json:
+            print(describe(r), flush=True)
+    if args.json:
+        print(json.dumps({'results': results} if args.all else results[0]))
+    elif args.all:
+        d = results[0]
+        print(f"\n{args.mode}, {args.dtype}, batch {args.batch_size} at {args.image_size}, "
+              f"{d['backend']} ({d['device_kind']}, {d['cpu_count']} CPUs), jax {d['jax_version']}:\n")
+        print(markdown_table(results))
+
+
+if __name__ == '__main__':
+    main()
