@@ -12,95 +12,95 @@ C = 5
 
 
 def _batch(rows, groups, size=16):
-  """Row r is the constant image r + 1, label r % C: each pixel tells which row it came from."""
-  n = rows * groups
-  images = tf.constant(np.arange(1, n + 1, dtype=np.float32)[:, None, None, None]
-                       * np.ones([1, size, size, 3], np.float32))
-  return images, tf.constant(np.arange(n) % C)
+    """Row r is the constant image r + 1, label r % C: each pixel tells which row it came from."""
+    n = rows * groups
+    images = tf.constant(np.arange(1, n + 1, dtype=np.float32)[:, None, None, None]
+                         * np.ones([1, size, size, 3], np.float32))
+    return images, tf.constant(np.arange(n) % C)
 
 
 @pytest.mark.parametrize('alpha', [0.8, 1.0])
 def test_beta_samples_follow_beta(alpha):
-  lam = mixup.sample_beta(tf.constant([0, 2], tf.int64), alpha, [4000]).numpy()
-  assert stats.kstest(lam, 'beta', args=(alpha, alpha)).pvalue > 0.01
+    lam = mixup.sample_beta(tf.constant([0, 2], tf.int64), alpha, [4000]).numpy()
+    assert stats.kstest(lam, 'beta', args=(alpha, alpha)).pvalue > 0.01
 
 
 def test_mixup_coefficient_is_beta_and_labels_follow():
-  groups = 2000
-  images, labels = _batch(2, groups, size=2)
-  x, y, info = mixup.mix_batch(images, labels, tf.constant([3, 4], tf.int64), num_classes=C,
-                               groups=groups, mixup_alpha=0.8, cutmix_alpha=0.0, smoothing=0.1)
-  lam = info['lam'].numpy()
-  assert not info['use_cutmix'].numpy().any()
-  assert stats.kstest(lam, 'beta', args=(0.8, 0.8)).pvalue > 0.01
-  # Rows r (group r % groups) pair with the other row of their group: 2 rows per group here.
-  first = np.arange(groups)
-  second = first + groups
-  value = images.numpy()[:, 0, 0, 0]
-  np.testing.assert_allclose(x.numpy()[first, 0, 0, 0],
-                             lam * value[first] + (1 - lam) * value[second], rtol=1e-5)
-  smooth = mixup.smooth_one_hot(labels, C, 0.1).numpy()
-  np.testing.assert_allclose(y.numpy()[first], lam[:, None] * smooth[first]
-                             + (1 - lam[:, None]) * smooth[second], atol=1e-6)
-  np.testing.assert_allclose(y.numpy().sum(1), 1.0, atol=1e-5)
+    groups = 2000
+    images, labels = _batch(2, groups, size=2)
+    x, y, info = mixup.mix_batch(images, labels, tf.constant([3, 4], tf.int64), num_classes=C,
+                                 groups=groups, mixup_alpha=0.8, cutmix_alpha=0.0, smoothing=0.1)
+    lam = info['lam'].numpy()
+    assert not info['use_cutmix'].numpy().any()
+    assert stats.kstest(lam, 'beta', args=(0.8, 0.8)).pvalue > 0.01
+    # Rows r (group r % groups) pair with the other row of their group: 2 rows per group here.
+    first = np.arange(groups)
+    second = first + groups
+    value = images.numpy()[:, 0, 0, 0]
+    np.testing.assert_allclose(x.numpy()[first, 0, 0, 0],
+                               lam * value[first] + (1 - lam) * value[second], rtol=1e-5)
+    smooth = mixup.smooth_one_hot(labels, C, 0.1).numpy()
+    np.testing.assert_allclose(y.numpy()[first], lam[:, None] * smooth[first]
+                               + (1 - lam[:, None]) * smooth[second], atol=1e-6)
+    np.testing.assert_allclose(y.numpy().sum(1), 1.0, atol=1e-5)
 
 
 def test_cutmix_box_area_matches_coefficient_and_labels():
-  groups, size = 400, 20
-  images, labels = _batch(2, groups, size=size)
-  x, y, info = mixup.mix_batch(images, labels, tf.constant([5, 6], tf.int64), num_classes=C,
-                               groups=groups, mixup_alpha=0.0, cutmix_alpha=1.0, smoothing=0.0)
-  lam = info['lam'].numpy()
-  assert info['use_cutmix'].numpy().all()
-  x = x.numpy()[..., 0]
-  value = images.numpy()[:, 0, 0, 0]
-  for g in range(groups):
-    pasted = x[g] == value[g + groups]
-    assert np.all(pasted | (x[g] == value[g]))
-    assert abs(pasted.mean() - (1 - lam[g])) < 1e-6  # the box's share is exactly 1 - lam
-    if pasted.any():
-      rows, cols = np.nonzero(pasted)
-      assert pasted[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # a box
-    onehot = np.eye(C)
-    np.testing.assert_allclose(y.numpy()[g], lam[g] * onehot[labels.numpy()[g]]
-                               + (1 - lam[g]) * onehot[labels.numpy()[g + groups]], atol=1e-6)
-  # Boxes clipped at the border paste less than 1 - Beta draw: the corrected lam is larger.
-  assert 0.5 < lam.mean() < 0.8 and (lam > 0).all() and (lam <= 1).all()
+    groups, size = 400, 20
+    images, labels = _batch(2, groups, size=size)
+    x, y, info = mixup.mix_batch(images, labels, tf.constant([5, 6], tf.int64), num_classes=C,
+                                 groups=groups, mixup_alpha=0.0, cutmix_alpha=1.0, smoothing=0.0)
+    lam = info['lam'].numpy()
+    assert info['use_cutmix'].numpy().all()
+    x = x.numpy()[..., 0]
+    value = images.numpy()[:, 0, 0, 0]
+    for g in range(groups):
+        pasted = x[g] == value[g + groups]
+        assert np.all(pasted | (x[g] == value[g]))
+        assert abs(pasted.mean() - (1 - lam[g])) < 1e-6  # the box's share is exactly 1 - lam
+        if pasted.any():
+            rows, cols = np.nonzero(pasted)
+            assert pasted[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # a box
+        onehot = np.eye(C)
+        np.testing.assert_allclose(y.numpy()[g], lam[g] * onehot[labels.numpy()[g]]
+                                   + (1 - lam[g]) * onehot[labels.numpy()[g + groups]], atol=1e-6)
+    # Boxes clipped at the border paste less than 1 - Beta draw: the corrected lam is larger.
+    assert 0.5 < lam.mean() < 0.8 and (lam > 0).all() and (lam <= 1).all()
 
 
 def test_switch_probability_and_off_switches():
-  groups = 1000
-  images, labels = _batch(2, groups, size=2)
-  seed = tf.constant([7, 8], tf.int64)
-  _, _, info = mixup.mix_batch(images, labels, seed, num_classes=C, groups=groups)
-  assert 0.45 < info['use_cutmix'].numpy().mean() < 0.55
-  x, y, info = mixup.mix_batch(images, labels, seed, num_classes=C, groups=groups, prob=0.0)
-  np.testing.assert_array_equal(x.numpy(), images.numpy())
-  np.testing.assert_allclose(y.numpy(), mixup.smooth_one_hot(labels, C, 0.1).numpy())
-  x, y, _ = mixup.mix_batch(images, labels, seed, num_classes=C, groups=groups, mixup_alpha=0.0,
-                            cutmix_alpha=0.0, smoothing=0.0)
-  np.testing.assert_array_equal(y.numpy(), np.eye(C)[labels.numpy()])
+    groups = 1000
+    images, labels = _batch(2, groups, size=2)
+    seed = tf.constant([7, 8], tf.int64)
+    _, _, info = mixup.mix_batch(images, labels, seed, num_classes=C, groups=groups)
+    assert 0.45 < info['use_cutmix'].numpy().mean() < 0.55
+    x, y, info = mixup.mix_batch(images, labels, seed, num_classes=C, groups=groups, prob=0.0)
+    np.testing.assert_array_equal(x.numpy(), images.numpy())
+    np.testing.assert_allclose(y.numpy(), mixup.smooth_one_hot(labels, C, 0.1).numpy())
+    x, y, _ = mixup.mix_batch(images, labels, seed, num_classes=C, groups=groups, mixup_alpha=0.0,
+                              cutmix_alpha=0.0, smoothing=0.0)
+    np.testing.assert_array_equal(y.numpy(), np.eye(C)[labels.numpy()])
 
 
 def test_graph_equals_eager():
-  images, labels = _batch(4, 2)
-  seed = tf.constant([9, 10], tf.int64)
-  run = lambda im: mixup.mix_batch(im, labels, seed, num_classes=C, groups=2)[:2]
-  for a, b in zip(run(images), tf.function(run)(images)):
-    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    images, labels = _batch(4, 2)
+    seed = tf.constant([9, 10], tf.int64)
+    run = lambda im: mixup.mix_batch(im, labels, seed, num_classes=C, groups=2)[:2]
+    for a, b in zip(run(images), tf.function(run)(images)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize('groups', [1, 3])
 def test_looped_mixing_equals_vectorized(groups):
-  """The per-micro-batch form (used up to a few micro-batches) gives the vectorized form's pixels."""
-  rng = np.random.default_rng(0)
-  images = tf.constant(rng.normal(size=[4 * groups, 12, 10, 3]).astype(np.float32))
-  kinds = set()
-  for s in range(6):
-    box = tuple(tf.constant(rng.integers(lo, lo + 7, groups), tf.int32) for lo in (0, 6, 0, 5))
-    lam = tf.constant(rng.choice([0.3, 0.7, 1.0], groups), tf.float32)
-    use_cutmix = tf.constant(rng.random(groups) < 0.5)
-    kinds.update(zip(use_cutmix.numpy(), lam.numpy() < 1))
-    looped = mixup._mix_looped(images, groups, lam, use_cutmix, box)
-    np.testing.assert_array_equal(looped, mixup._mix_vectorized(images, groups, lam, use_cutmix, box))
-  assert len(kinds) >= 3  # cutmix, mixup and unmixed micro-batches were all seen
+    """The per-micro-batch form (used up to a few micro-batches) gives the vectorized form's pixels."""
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.normal(size=[4 * groups, 12, 10, 3]).astype(np.float32))
+    kinds = set()
+    for s in range(6):
+        box = tuple(tf.constant(rng.integers(lo, lo + 7, groups), tf.int32) for lo in (0, 6, 0, 5))
+        lam = tf.constant(rng.choice([0.3, 0.7, 1.0], groups), tf.float32)
+        use_cutmix = tf.constant(rng.random(groups) < 0.5)
+        kinds.update(zip(use_cutmix.numpy(), lam.numpy() < 1))
+        looped = mixup._mix_looped(images, groups, lam, use_cutmix, box)
+        np.testing.assert_array_equal(looped, mixup._mix_vectorized(images, groups, lam, use_cutmix, box))
+    assert len(kinds) >= 3  # cutmix, mixup and unmixed micro-batches were all seen

@@ -21,251 +21,251 @@ from rest_jax.data import datasets, pipeline  # noqa: E402
 
 
 def make_config(data_dir, **overrides):
-  c = ml_collections.ConfigDict()
-  c.dataset, c.data_dir, c.image_size, c.batch_size, c.update_freq, c.seed = (
-      'digits', str(data_dir), 32, 8, 1, 0)
-  c.model = ml_collections.ConfigDict(dict(num_classes=10))
-  c.data = ml_collections.ConfigDict(dict(
-      train_split='train', eval_split='test', crop_pct=0.875, interpolation='bicubic',
-      scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, randaug='rand-m9-mstd0.5-inc1',
-      reprob=0.25, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
-      label_smoothing=0.1, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-      shuffle_buffer=16384, num_workers=0))
-  for key, value in overrides.items():
-    c[key] = value
-  return c
+    c = ml_collections.ConfigDict()
+    c.dataset, c.data_dir, c.image_size, c.batch_size, c.update_freq, c.seed = (
+        'digits', str(data_dir), 32, 8, 1, 0)
+    c.model = ml_collections.ConfigDict(dict(num_classes=10))
+    c.data = ml_collections.ConfigDict(dict(
+        train_split='train', eval_split='test', crop_pct=0.875, interpolation='bicubic',
+        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, randaug='rand-m9-mstd0.5-inc1',
+        reprob=0.25, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
+        label_smoothing=0.1, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        shuffle_buffer=16384, num_workers=0))
+    for key, value in overrides.items():
+        c[key] = value
+    return c
 
 
 def take(iterator, n):
-  return [next(iterator) for _ in range(n)]
+    return [next(iterator) for _ in range(n)]
 
 
 def _photo_jpeg(rng, size=(40, 48), fmt='JPEG'):
-  from sklearn.datasets import load_sample_images
-  photo = load_sample_images().images[int(rng.integers(2))]
-  top, left = rng.integers(0, 300), rng.integers(0, 500)
-  buffer = io.BytesIO()
-  Image.fromarray(photo[top:top + size[0], left:left + size[1]]).save(buffer, fmt)
-  return buffer.getvalue()
+    from sklearn.datasets import load_sample_images
+    photo = load_sample_images().images[int(rng.integers(2))]
+    top, left = rng.integers(0, 300), rng.integers(0, 500)
+    buffer = io.BytesIO()
+    Image.fromarray(photo[top:top + size[0], left:left + size[1]]).save(buffer, fmt)
+    return buffer.getvalue()
 
 
 @pytest.fixture(scope='module')
 def digits(tmp_path_factory):
-  config = make_config(tmp_path_factory.mktemp('tfds'))
-  return config, data.dataset_info(config)
+    config = make_config(tmp_path_factory.mktemp('tfds'))
+    return config, data.dataset_info(config)
 
 
 def test_digits_are_the_sklearn_digits(digits):
-  config, info = digits
-  assert info == data.DatasetInfo(num_classes=10, num_train=1433, num_eval=364)
-  source = data.prepare(config).as_data_source('test')
-  image, label = source[0]['image'], source[0]['label']
-  assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and image.max() > 200
-  assert 0 <= label < 10
+    config, info = digits
+    assert info == data.DatasetInfo(num_classes=10, num_train=1433, num_eval=364)
+    source = data.prepare(config).as_data_source('test')
+    image, label = source[0]['image'], source[0]['label']
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and image.max() > 200
+    assert 0 <= label < 10
 
 
 def test_train_stream_is_deterministic_and_resumes_exactly(digits):
-  config, _ = digits
-  first = take(data.train_iterator(config, process_index=0, process_count=1), 5)
-  again = take(data.train_iterator(config, process_index=0, process_count=1), 5)
-  resumed = take(data.train_iterator(config, start_step=3, process_index=0, process_count=1), 2)
-  for a, b in zip(first, again):
-    np.testing.assert_array_equal(a['image'], b['image'])
-    np.testing.assert_array_equal(a['label'], b['label'])
-  for a, b in zip(first[3:], resumed):
-    np.testing.assert_array_equal(a['image'], b['image'])
-    np.testing.assert_array_equal(a['label'], b['label'])
-  assert first[0]['image'].shape == (8, 32, 32, 3) and first[0]['label'].shape == (8, 10)
-  np.testing.assert_allclose(first[0]['label'].sum(1), 1.0, atol=1e-5)
-  assert not np.array_equal(first[0]['image'], first[1]['image'])
+    config, _ = digits
+    first = take(data.train_iterator(config, process_index=0, process_count=1), 5)
+    again = take(data.train_iterator(config, process_index=0, process_count=1), 5)
+    resumed = take(data.train_iterator(config, start_step=3, process_index=0, process_count=1), 2)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a['image'], b['image'])
+        np.testing.assert_array_equal(a['label'], b['label'])
+    for a, b in zip(first[3:], resumed):
+        np.testing.assert_array_equal(a['image'], b['image'])
+        np.testing.assert_array_equal(a['label'], b['label'])
+    assert first[0]['image'].shape == (8, 32, 32, 3) and first[0]['label'].shape == (8, 10)
+    np.testing.assert_allclose(first[0]['label'].sum(1), 1.0, atol=1e-5)
+    assert not np.array_equal(first[0]['image'], first[1]['image'])
 
 
 def test_hosts_read_disjoint_shards_covering_the_split(digits):
-  config, info = digits
-  n, per_step = info.num_train, config.batch_size
-  steps = -(-n // per_step)
-  seen = {0: [], 1: []}
-  for p in (0, 1):
-    for step in range(steps):
-      slots, index = pipeline.train_indices(config, n, step, p, 2)
-      seen[p] += [i for s, i in zip(slots.numpy(), index.numpy()) if s < n]  # epoch 0
-  assert not set(seen[0]) & set(seen[1])
-  assert sorted(seen[0] + seen[1]) == list(range(n))
-  # The next epoch is another order of the same examples.
-  _, index = pipeline.train_indices(config, n, steps + 1, 0, 2)
-  assert set(index.numpy()) <= set(range(n))
+    config, info = digits
+    n, per_step = info.num_train, config.batch_size
+    steps = -(-n // per_step)
+    seen = {0: [], 1: []}
+    for p in (0, 1):
+        for step in range(steps):
+            slots, index = pipeline.train_indices(config, n, step, p, 2)
+            seen[p] += [i for s, i in zip(slots.numpy(), index.numpy()) if s < n]  # epoch 0
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(n))
+    # The next epoch is another order of the same examples.
+    _, index = pipeline.train_indices(config, n, steps + 1, 0, 2)
+    assert set(index.numpy()) <= set(range(n))
 
 
 def test_hosts_split_the_global_batch(digits):
-  """Augmentation depends on the example's slot only: two hosts see the rows of one host."""
-  config = make_config(digits[0].data_dir, batch_size=4, update_freq=2)
-  config.data.mixup = config.data.cutmix = 0.0
-  whole = next(data.train_iterator(config, start_step=2, process_index=0, process_count=1))
-  halves = [next(data.train_iterator(config, start_step=2, process_index=p, process_count=2))
-            for p in (0, 1)]
-  assert whole['image'].shape == (8, 32, 32, 3) and halves[0]['image'].shape == (4, 32, 32, 3)
-  np.testing.assert_array_equal(np.concatenate([h['image'] for h in halves]), whole['image'])
-  np.testing.assert_array_equal(np.concatenate([h['label'] for h in halves]), whole['label'])
+    """Augmentation depends on the example's slot only: two hosts see the rows of one host."""
+    config = make_config(digits[0].data_dir, batch_size=4, update_freq=2)
+    config.data.mixup = config.data.cutmix = 0.0
+    whole = next(data.train_iterator(config, start_step=2, process_index=0, process_count=1))
+    halves = [next(data.train_iterator(config, start_step=2, process_index=p, process_count=2))
+              for p in (0, 1)]
+    assert whole['image'].shape == (8, 32, 32, 3) and halves[0]['image'].shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(np.concatenate([h['image'] for h in halves]), whole['image'])
+    np.testing.assert_array_equal(np.concatenate([h['label'] for h in halves]), whole['label'])
 
 
 def test_eval_counts_every_example_once(digits):
-  config = make_config(digits[0].data_dir, batch_size=48)  # 364 = 7 * 48 + 28
-  expected = sorted(int(x['label']) for x in data.prepare(config).as_data_source('test'))
-  per_host = [list(data.eval_iterator(config, process_index=p, process_count=2)) for p in (0, 1)]
-  assert len(per_host[0]) == len(per_host[1]) == 8
-  labels = [int(l) for host in per_host for b in host for l, m in zip(b['label'], b['mask']) if m]
-  assert sorted(labels) == expected
-  batch = per_host[1][-1]
-  assert batch['image'].shape == (24, 32, 32, 3) and batch['mask'].dtype == bool
-  assert batch['label'].dtype == np.int32 and batch['mask'].sum() == 4  # rows 360..383 of 364
+    config = make_config(digits[0].data_dir, batch_size=48)  # 364 = 7 * 48 + 28
+    expected = sorted(int(x['label']) for x in data.prepare(config).as_data_source('test'))
+    per_host = [list(data.eval_iterator(config, process_index=p, process_count=2)) for p in (0, 1)]
+    assert len(per_host[0]) == len(per_host[1]) == 8
+    labels = [int(l) for host in per_host for b in host for l, m in zip(b['label'], b['mask']) if m]
+    assert sorted(labels) == expected
+    batch = per_host[1][-1]
+    assert batch['image'].shape == (24, 32, 32, 3) and batch['mask'].dtype == bool
+    assert batch['label'].dtype == np.int32 and batch['mask'].sum() == 4  # rows 360..383 of 364
 
 
 def test_make_global_single_host():
-  import jax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
-  mesh = Mesh(np.array(jax.devices()), ('data',))
-  batch = {'image': np.ones((len(jax.devices()) * 2, 4, 4, 3), np.float32),
-           'label': np.arange(len(jax.devices()) * 2, dtype=np.int32)}
-  out = data.make_global(batch, NamedSharding(mesh, PartitionSpec('data')))
-  assert out['image'].shape == batch['image'].shape
-  np.testing.assert_array_equal(np.asarray(out['label']), batch['label'])
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    mesh = Mesh(np.array(jax.devices()), ('data',))
+    batch = {'image': np.ones((len(jax.devices()) * 2, 4, 4, 3), np.float32),
+             'label': np.arange(len(jax.devices()) * 2, dtype=np.int32)}
+    out = data.make_global(batch, NamedSharding(mesh, PartitionSpec('data')))
+    assert out['image'].shape == batch['image'].shape
+    np.testing.assert_array_equal(np.asarray(out['label']), batch['label'])
 
 
 def test_mock_data_imagenet(tmp_path):
-  """tfds.testing.mock_data with the real imagenet2012 features; records served by index."""
-  rng = np.random.default_rng(2)
+    """tfds.testing.mock_data with the real imagenet2012 features; records served by index."""
+    rng = np.random.default_rng(2)
 
-  def records(builder, split, **kwargs):
-    del split, kwargs  # TFDS's own data-source mock cannot serve raw records (4.9.10)
-    features = builder.info.features
-    return [features.serialize_example({
-        'image': rng.integers(0, 256, (20 + k, 30, 3), dtype=np.uint8), 'label': k,
-        'file_name': f'{k}.JPEG'}) for k in range(12)]
+    def records(builder, split, **kwargs):
+        del split, kwargs  # TFDS's own data-source mock cannot serve raw records (4.9.10)
+        features = builder.info.features
+        return [features.serialize_example({
+            'image': rng.integers(0, 256, (20 + k, 30, 3), dtype=np.uint8), 'label': k,
+            'file_name': f'{k}.JPEG'}) for k in range(12)]
 
-  config = make_config(tmp_path, dataset='imagenet2012', batch_size=4)
-  config.model.num_classes = 1000
-  config.data.eval_split = 'validation'
-  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE,
-                              as_data_source_fn=records), \
-       mock.patch.object(datasets, '_check_imagenet_tars'):
-    batch = next(data.train_iterator(config, process_index=0, process_count=1))
-    evaluation = list(data.eval_iterator(config, process_index=0, process_count=1))
-  assert batch['image'].shape == (4, 32, 32, 3) and batch['label'].shape == (4, 1000)
-  assert len(evaluation) == 3 and evaluation[0]['image'].shape == (4, 32, 32, 3)
-  assert sorted(l for b in evaluation for l in b['label']) == list(range(12))
+    config = make_config(tmp_path, dataset='imagenet2012', batch_size=4)
+    config.model.num_classes = 1000
+    config.data.eval_split = 'validation'
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE,
+                                as_data_source_fn=records), \
+         mock.patch.object(datasets, '_check_imagenet_tars'):
+        batch = next(data.train_iterator(config, process_index=0, process_count=1))
+        evaluation = list(data.eval_iterator(config, process_index=0, process_count=1))
+    assert batch['image'].shape == (4, 32, 32, 3) and batch['label'].shape == (4, 1000)
+    assert len(evaluation) == 3 and evaluation[0]['image'].shape == (4, 32, 32, 3)
+    assert sorted(l for b in evaluation for l in b['label']) == list(range(12))
 
 
 @pytest.fixture(scope='module')
 def tfds_dir(tmp_path_factory):
-  with pytest.MonkeyPatch.context() as patch:
-    directory = tmp_path_factory.mktemp('tfds_default')
-    patch.setenv('TFDS_DATA_DIR', str(directory))
-    yield directory
+    with pytest.MonkeyPatch.context() as patch:
+        directory = tmp_path_factory.mktemp('tfds_default')
+        patch.setenv('TFDS_DATA_DIR', str(directory))
+        yield directory
 
 
 def _image_folder(root, corrupt=False):
-  rng = np.random.default_rng(0)
-  for split, count in (('train', 3), ('val', 2)):
-    for name in ('cat', 'dog'):
-      (root / split / name).mkdir(parents=True)
-      for k in range(count):
-        (root / split / name / f'{k}.jpg').write_bytes(_photo_jpeg(rng))
-  (root / 'train' / 'dog' / 'extra.png').write_bytes(_photo_jpeg(rng, fmt='PNG'))
-  if corrupt:
-    (root / 'train' / 'cat' / 'broken.jpg').write_bytes(_photo_jpeg(rng)[:300])
-  return root
+    rng = np.random.default_rng(0)
+    for split, count in (('train', 3), ('val', 2)):
+        for name in ('cat', 'dog'):
+            (root / split / name).mkdir(parents=True)
+            for k in range(count):
+                (root / split / name / f'{k}.jpg').write_bytes(_photo_jpeg(rng))
+    (root / 'train' / 'dog' / 'extra.png').write_bytes(_photo_jpeg(rng, fmt='PNG'))
+    if corrupt:
+        (root / 'train' / 'cat' / 'broken.jpg').write_bytes(_photo_jpeg(rng)[:300])
+    return root
 
 
 def test_image_folder(tfds_dir, tmp_path):
-  del tfds_dir
-  root = _image_folder(tmp_path / 'photos')
-  config = make_config(root, dataset='image_folder')
-  config.model.num_classes = 2
-  config.data.eval_split = 'val'
-  assert data.dataset_info(config) == data.DatasetInfo(num_classes=2, num_train=7, num_eval=4)
-  labels = [l for b in data.eval_iterator(config, process_index=0, process_count=1)
-            for l, m in zip(b['label'], b['mask']) if m]
-  assert sorted(labels) == [0, 0, 1, 1]  # class ids follow the sorted folder names
-  assert next(data.train_iterator(config, process_index=0, process_count=1))['image'].shape == (
-      8, 32, 32, 3)
+    del tfds_dir
+    root = _image_folder(tmp_path / 'photos')
+    config = make_config(root, dataset='image_folder')
+    config.model.num_classes = 2
+    config.data.eval_split = 'val'
+    assert data.dataset_info(config) == data.DatasetInfo(num_classes=2, num_train=7, num_eval=4)
+    labels = [l for b in data.eval_iterator(config, process_index=0, process_count=1)
+              for l, m in zip(b['label'], b['mask']) if m]
+    assert sorted(labels) == [0, 0, 1, 1]  # class ids follow the sorted folder names
+    assert next(data.train_iterator(config, process_index=0, process_count=1))['image'].shape == (
+        8, 32, 32, 3)
 
 
 def test_corrupt_image_is_reported_at_preparation(tfds_dir, tmp_path):
-  del tfds_dir
-  root = _image_folder(tmp_path / 'photos', corrupt=True)
-  config = make_config(root, dataset='image_folder')
-  with pytest.raises(ValueError, match=r'cannot be decoded.*train/cat/broken\.jpg'):
-    data.prepare(config)
-  assert not datasets.get_builder(config).is_prepared()  # nothing half-written
+    del tfds_dir
+    root = _image_folder(tmp_path / 'photos', corrupt=True)
+    config = make_config(root, dataset='image_folder')
+    with pytest.raises(ValueError, match=r'cannot be decoded.*train/cat/broken\.jpg'):
+        data.prepare(config)
+    assert not datasets.get_builder(config).is_prepared()  # nothing half-written
 
 
 def _tiny_imagenet(data_dir):
-  """The manual-download layout: a train tar of per-class tars, a val tar of numbered JPEGs."""
-  manual = data_dir / 'downloads' / 'manual'
-  manual.mkdir(parents=True)
-  rng = np.random.default_rng(1)
-  synsets = ['n01440764', 'n01443537', 'n01484850']
-  with tarfile.open(manual / 'ILSVRC2012_img_train.tar', 'w') as train:
-    for synset in synsets:
-      inner = io.BytesIO()
-      with tarfile.open(fileobj=inner, mode='w') as class_tar:
-        for k in range(4):
-          _add(class_tar, f'{synset}_{1000 + k}.JPEG', _photo_jpeg(rng))
-      _add(train, f'{synset}.tar', inner.getvalue())
-  with tarfile.open(manual / 'ILSVRC2012_img_val.tar', 'w') as val:
-    for k in range(1, 6):  # the builder labels val files by their sorted position
-      _add(val, f'ILSVRC2012_val_{k:08d}.JPEG', _photo_jpeg(rng))
-  return synsets
+    """The manual-download layout: a train tar of per-class tars, a val tar of numbered JPEGs."""
+    manual = data_dir / 'downloads' / 'manual'
+    manual.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    synsets = ['n01440764', 'n01443537', 'n01484850']
+    with tarfile.open(manual / 'ILSVRC2012_img_train.tar', 'w') as train:
+        for synset in synsets:
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode='w') as class_tar:
+                for k in range(4):
+                    _add(class_tar, f'{synset}_{1000 + k}.JPEG', _photo_jpeg(rng))
+            _add(train, f'{synset}.tar', inner.getvalue())
+    with tarfile.open(manual / 'ILSVRC2012_img_val.tar', 'w') as val:
+        for k in range(1, 6):  # the builder labels val files by their sorted position
+            _add(val, f'ILSVRC2012_val_{k:08d}.JPEG', _photo_jpeg(rng))
+    return synsets
 
 
 def _add(tar, name, payload):
-  info = tarfile.TarInfo(name)
-  info.size = len(payload)
-  tar.addfile(info, io.BytesIO(payload))
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
 
 
 def test_tiny_imagenet_through_the_real_builder(tmp_path):
-  synsets = _tiny_imagenet(tmp_path)
-  config = make_config(tmp_path, dataset='imagenet2012', batch_size=4)
-  config.model.num_classes = 1000
-  config.data.eval_split = 'validation'
-  assert data.dataset_info(config) == data.DatasetInfo(num_classes=1000, num_train=12, num_eval=5)
-  names = tfds.builder('imagenet2012', data_dir=str(tmp_path)).info.features['label'].names
-  val_synsets = (tfds.core.tfds_path('datasets/imagenet2012/validation_labels.txt')
-                 .read_text().split()[:5])
-  labels = [int(l) for b in data.eval_iterator(config, process_index=0, process_count=1)
-            for l, m in zip(b['label'], b['mask']) if m]
-  assert sorted(labels) == sorted(names.index(s) for s in val_synsets)
-  batch = next(data.train_iterator(config, process_index=0, process_count=1))
-  assert batch['image'].shape == (4, 32, 32, 3)
-  assert set(np.argmax(batch['label'], 1)) <= {names.index(s) for s in synsets}
+    synsets = _tiny_imagenet(tmp_path)
+    config = make_config(tmp_path, dataset='imagenet2012', batch_size=4)
+    config.model.num_classes = 1000
+    config.data.eval_split = 'validation'
+    assert data.dataset_info(config) == data.DatasetInfo(num_classes=1000, num_train=12, num_eval=5)
+    names = tfds.builder('imagenet2012', data_dir=str(tmp_path)).info.features['label'].names
+    val_synsets = (tfds.core.tfds_path('datasets/imagenet2012/validation_labels.txt')
+                   .read_text().split()[:5])
+    labels = [int(l) for b in data.eval_iterator(config, process_index=0, process_count=1)
+              for l, m in zip(b['label'], b['mask']) if m]
+    assert sorted(labels) == sorted(names.index(s) for s in val_synsets)
+    batch = next(data.train_iterator(config, process_index=0, process_count=1))
+    assert batch['image'].shape == (4, 32, 32, 3)
+    assert set(np.argmax(batch['label'], 1)) <= {names.index(s) for s in synsets}
 
 
 def test_missing_imagenet_tar_says_where_it_goes(tmp_path):
-  (tmp_path / 'ILSVRC2012_img_train.tar').write_bytes(b'')
-  config = make_config(tmp_path, dataset='imagenet2012')
-  with pytest.raises(FileNotFoundError) as error:
-    data.prepare(config)
-  message = str(error.value)
-  assert f'{tmp_path}/downloads/manual/ILSVRC2012_img_train.tar' in message
-  assert f'it is at {tmp_path}/ILSVRC2012_img_train.tar: move it' in message
-  assert f'{tmp_path}/downloads/manual/ILSVRC2012_img_val.tar' in message
+    (tmp_path / 'ILSVRC2012_img_train.tar').write_bytes(b'')
+    config = make_config(tmp_path, dataset='imagenet2012')
+    with pytest.raises(FileNotFoundError) as error:
+        data.prepare(config)
+    message = str(error.value)
+    assert f'{tmp_path}/downloads/manual/ILSVRC2012_img_train.tar' in message
+    assert f'it is at {tmp_path}/ILSVRC2012_img_train.tar: move it' in message
+    assert f'{tmp_path}/downloads/manual/ILSVRC2012_img_val.tar' in message
 
 
 def test_open_iterators_do_not_hang_the_exit(digits):
-  # A script that leaves iterators open at module level (as notebooks and quick scripts do) must
-  # exit: their prefetch threads wait in tf.numpy_function for the GIL during finalization.
-  import subprocess
-  import sys
-  from pathlib import Path
-  config, _ = digits
-  tests = Path(__file__).parent
-  script = (f'import sys; sys.path[:0] = [{str(tests.parent)!r}, {str(tests)!r}]\n'
-            'from test_data_pipeline import make_config\n'
-            'from rest_jax import data\n'
-            f'config = make_config({config.data_dir!r})\n'
-            'train, evaluation = data.train_iterator(config), data.eval_iterator(config)\n'
-            'next(train); next(evaluation)\n'
-            'print("ok")\n')
-  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
-  assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-2000:]
+    # A script that leaves iterators open at module level (as notebooks and quick scripts do) must
+    # exit: their prefetch threads wait in tf.numpy_function for the GIL during finalization.
+    import subprocess
+    import sys
+    from pathlib import Path
+    config, _ = digits
+    tests = Path(__file__).parent
+    script = (f'import sys; sys.path[:0] = [{str(tests.parent)!r}, {str(tests)!r}]\n'
+              'from test_data_pipeline import make_config\n'
+              'from rest_jax import data\n'
+              f'config = make_config({config.data_dir!r})\n'
+              'train, evaluation = data.train_iterator(config), data.eval_iterator(config)\n'
+              'next(train); next(evaluation)\n'
+              'print("ok")\n')
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-2000:]
