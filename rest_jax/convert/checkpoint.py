@@ -27,6 +27,7 @@ from rest_jax.convert.state_dict import abstract_variables, strip_prefixes, vari
 from rest_jax.models.registry import create_model, list_models, model_info
 
 FORMAT = 'rest_jax.converted/1'
+WORKDIR_FORMAT = 'rest_jax.workdir/1'  # rest_jax.train.checkpoint writes it
 METADATA = 'rest_jax.json'
 _BASE = {'v1': 'rest_lite', 'v2': 'restv2_tiny'}
 _STAGES = range(1, 5)
@@ -298,19 +299,19 @@ def _write(directory: str, variables: dict, meta: dict) -> None:
 
 
 def load_pretrained(path: str | os.PathLike, ema: bool = False):
-    """Load a directory written by `convert_checkpoint` (or `python -m rest_jax.convert`).
+    """Load a converted checkpoint (`convert_checkpoint`, `python -m rest_jax.convert`) or a training workdir.
 
     Args:
-      path: the converted directory.
-      ema: for training workdirs (future); a converted directory holds one set of weights, so
-        True raises (convert with --ema instead).
+      path: a converted directory, or a `train.py` workdir (its newest complete checkpoint is read).
+      ema: workdirs only: the EMA parameters and statistics instead of the plain ones. A converted
+        directory holds one set of weights, so True raises there (convert with --ema instead).
 
     Returns:
       (model, variables): the configured model and {'params', 'batch_stats'} as float32 jax arrays
       on the default device, ready for `model.apply(variables, images)`.
 
     Raises:
-      ValueError: `path` is not a converted directory, or ema=True.
+      ValueError: `path` is neither, a workdir without a checkpoint, or ema=True on a converted directory.
     """
     import orbax.checkpoint as ocp
     path = os.path.abspath(os.fspath(path))
@@ -319,8 +320,14 @@ def load_pretrained(path: str | os.PathLike, ema: bool = False):
         raise ValueError(f'{path} is not a rest_jax checkpoint (no {METADATA})')
     with open(meta_path) as file:
         meta = json.load(file)
+    from rest_jax.inference import remember_preprocessing  # so that preprocess(images, model) follows it
+    if meta.get('format') == WORKDIR_FORMAT:
+        from rest_jax.train.checkpoint import load_workdir  # the training side owns the workdir layout
+        model, variables = load_workdir(path, ema=ema)
+        remember_preprocessing(model, meta['preprocessing'])
+        return model, variables
     if meta.get('format') != FORMAT:
-        raise ValueError(f'{path}: unknown format {meta.get("format")!r} (expected {FORMAT!r})')
+        raise ValueError(f'{path}: unknown format {meta.get("format")!r} (expected {FORMAT!r} or {WORKDIR_FORMAT!r})')
     if ema:
         raise ValueError(f'{path} holds one set of weights; convert with --ema instead')
     model = create_model(meta['model'], **meta['config'])
@@ -331,4 +338,5 @@ def load_pretrained(path: str | os.PathLike, ema: bool = False):
         restored = checkpointer.restore(os.path.join(path, 'variables'), target)
     finally:
         checkpointer.close()
+    remember_preprocessing(model, meta['preprocessing'])
     return model, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), restored)

@@ -1,0 +1,68 @@
+"""The device mesh and the shardings of the train state and the batches.
+
+Two mesh axes: 'data' (pure data parallelism) and 'fsdp' (data parallelism that also shards the
+parameters, the EMA and the optimizer state). A batch is split over both axes together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ('data', 'fsdp')
+BATCH = P(AXES)  # batch axis over every device; used for images, labels and masks
+_MIN_SHARDED_SIZE = 2 ** 14  # smaller arrays stay replicated: sharding them costs more than it saves
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+    """A ('data', 'fsdp') mesh over `devices` (default: all devices of all processes).
+
+    Args:
+      mesh_config: config.mesh, with `data` (-1 = whatever is left) and `fsdp` axis sizes.
+      devices: the devices to use, e.g. jax.devices()[:1].
+
+    Raises:
+      ValueError: axis sizes that do not multiply to the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n, fsdp = len(devices), int(mesh_config.fsdp)
+    data = n // fsdp if mesh_config.data == -1 else int(mesh_config.data)
+    if fsdp < 1 or data < 1 or data * fsdp != n:
+        raise ValueError(f'config.mesh data={mesh_config.data} x fsdp={mesh_config.fsdp} does not fit {n} devices; '
+                         f'set --config.mesh.data=-1 or make data * fsdp == {n}')
+    if devices[0].platform == 'tpu':
+        from jax.experimental import mesh_utils  # physical-topology-aware order on TPU slices
+        grid = mesh_utils.create_device_mesh((data, fsdp), devices)
+    else:
+        # Process-major order: process p's devices hold the p-th contiguous block of the global batch,
+        # so the host-local rows of the input pipeline land on the host's own devices.
+        grid = np.array(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(data, fsdp)
+    return Mesh(grid, AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, BATCH)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _spec(shape: tuple[int, ...], fsdp: int) -> P:
+    """Shard the largest dimension divisible by the fsdp axis size; replicate small arrays."""
+    if fsdp == 1 or int(np.prod(shape)) < _MIN_SHARDED_SIZE:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp == 0:
+            return P(*([None] * dim + ['fsdp']))
+    return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every leaf of a (shape-only) train state: the same rule for parameters, EMA and
+    the Adam moments, so each moment lives beside its parameter."""
+    fsdp = mesh.shape['fsdp']
+    return jax.tree.map(lambda x: NamedSharding(mesh, _spec(tuple(x.shape), fsdp)), abstract_state)
