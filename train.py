@@ -11,7 +11,7 @@ checkpoint. Multi-host (TPU pods, multi-node GPU): pass --distributed on every h
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/ imports `configs.common`
@@ -35,6 +35,8 @@ def parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    if not flags.FLAGS['verbosity'].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every save and read at INFO; -v 0 shows them
     import jax
     if flags.FLAGS.distributed:
         jax.distributed.initialize()  # cluster auto-detection: TPU pods, SLURM, Open MPI, or JAX_COORDINATOR_* env

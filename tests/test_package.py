@@ -9,7 +9,8 @@ from conftest import REPO
 
 def test_import_without_tensorflow_and_torch():
     code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['torch'] = None\n"
-            "import rest_jax, rest_jax.convert, rest_jax.convert.pth, rest_jax.demo, rest_jax.inference, rest_jax.predict\n"
+            "import rest_jax, rest_jax.convert, rest_jax.convert.pth, rest_jax.demo, rest_jax.inference\n"
+            "import rest_jax.predict, rest_jax.benchmark, rest_jax.models.macs, rest_jax.train\n"
             "assert len(rest_jax.list_models()) == 8")
     subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO)
 
@@ -29,3 +30,9 @@ def test_readme_api_example_runs():
 def test_readme_variant_table_is_what_the_demo_prints():
     from rest_jax.demo import variant_table
     assert variant_table() in _readme()
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (REPO / '.ci' / 'run').read_text()
+    command = next(line for line in ci.splitlines() if 'pytest' in line)
+    assert command in _readme()
