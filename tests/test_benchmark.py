@@ -44,8 +44,8 @@ def test_cli_json_without_tensorflow_and_torch():
 @pytest.fixture(scope='module')
 def train_result():
     # XLA's grouped convs: their backward pass compiles faster than the shifted form's.
-    return benchmark.benchmark('rest_lite', mode='train', batch_size=2, image_size=64, repeats=2,
-                               drop_path_rate=0.1, conv_impl='lax', **TINY)
+    return benchmark.benchmark('rest_lite', mode='train', batch_size=2, image_size=32, repeats=2,
+                               drop_path_rate=0.1, conv_impl='lax', **dict(TINY, embed_dims=(8, 16, 32, 64)))
 
 
 def test_train_step(train_result):
@@ -140,16 +140,29 @@ def test_depthwise_macs_by_hand():
 
 # --- the CPU speed forms --------------------------------------------------------------------------
 
-@pytest.mark.parametrize('stride,size', [(8, (19, 23)), (4, (13, 17)), (2, (9, 8))])
-def test_strided_depthwise_gradient_equals_grouped_conv(stride, size):
-    """EMSA's reduction in the 'shift' form runs forward as slices and backward through the block form
-    (a custom VJP): both gradients must equal those of XLA's grouped convolution."""
-    dw = rest_jax.models.layers.depthwise_conv
-    x = jax.random.normal(jax.random.key(0), (2, *size, 6))
-    w = jax.random.normal(jax.random.key(1), (stride + 1, stride + 1, 1, 6))
-    target = jax.random.normal(jax.random.key(2), dw(x, w, stride, stride // 2, 'lax').shape)
-    grads = [jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.tanh(dw(x, w, stride, stride // 2, impl)) * target),
-                              argnums=(0, 1)))(x, w)
-             for impl in ('shift', 'lax')]
-    for a, b in zip(*grads):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+def test_cpu_forms_equal_xla_convolutions():
+    """The 'shift' forms against XLA's grouped convolutions, values and gradients: EMSA's reduction
+    (slices forward, block form under differentiation, a custom VJP) at strides 8, 4, 2, and v2's
+    upsample branch (taps written into the pixel-shuffled layout, a custom VJP)."""
+    layers = rest_jax.models.layers
+    dw = layers.depthwise_conv
+    for stride, size in [(8, (19, 23)), (4, (13, 17)), (2, (9, 8))]:
+        x = jax.random.normal(jax.random.key(0), (2, *size, 6))
+        w = jax.random.normal(jax.random.key(1), (stride + 1, stride + 1, 1, 6))
+        target = jax.random.normal(jax.random.key(2), dw(x, w, stride, stride // 2, 'lax').shape)
+        results = [jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(dw(x, w, stride, stride // 2, impl)) * target),
+                                              argnums=(0, 1)))(x, w)
+                   for impl in ('shift', 'lax')]
+        for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for r in (4, 2):
+        x = jax.random.normal(jax.random.key(0), (2, 5, 6, 6))
+        forms = [layers.DepthwiseUpsample(r, impl=impl) for impl in ('shift', 'lax')]
+        v = forms[0].init(jax.random.key(1), x)
+        v = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(3), a.shape), v)   # nonzero bias
+        target = jax.random.normal(jax.random.key(2), (2, 5 * r, 6 * r, 6))
+        results = [jax.jit(jax.value_and_grad(lambda v, x: jnp.sum(jnp.tanh(m.apply(v, x)) * target),
+                                              argnums=(0, 1)))(v, x)
+                   for m in forms]
+        for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -50,9 +50,7 @@ class Attention(nn.Module):
         # The official code reshapes v (B, heads, M, hd) to (B, C, H/sr, W/sr): channel = head * hd + d,
         # which is exactly the (heads, hd) order of our last axis.
         identity = v.reshape(b, hr, wr, c)
-        identity = layers.DepthwiseConv(r * r * c, 3, 1, 1, dtype=self.dtype, impl=self.conv_impl,
-                                        name='up_0')(identity)
-        identity = layers.pixel_shuffle(identity, r)[:, :h, :w]
+        identity = layers.DepthwiseUpsample(r, dtype=self.dtype, impl=self.conv_impl, name='up_0')(identity)[:, :h, :w]
         identity = layers.layer_norm(LN_EPS, self.dtype, 'up_norm')(identity)
         return layers.dense(c, dtype=self.dtype, name='proj')(out + identity)
 
