@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -137,6 +138,21 @@ def test_config_typo_fails_clearly(env, tmp_path, data_dir):
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: --config.lerning_rate: no such config field ('lerning_rate'); the fields are listed in "
         'configs/common.py')
+
+
+def test_non_finite_loss_stops_naming_the_step(env, tmp_path, data_dir):
+    workdir = tmp_path / 'run'
+    proc = subprocess.run(_command(workdir, data_dir, '--config.lr=1e9'), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: non-finite loss or gradients at step '), last
+    step = int(last.split('at step ')[1].split()[0])
+    saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+    assert saved and max(saved) < step  # what was saved before stays; the bad step is not saved
+    import rest_jax
+    model, variables = rest_jax.load_pretrained(workdir)  # and it is intact
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(variables))
 
 
 def test_fine_tune_config_requires_init_from(env, tmp_path):

@@ -181,7 +181,8 @@ def run(config, workdir: str) -> dict[str, float]:
 
     def check(metrics, at: int) -> None:
         if not bool(metrics['finite']):
-            raise NonFiniteLoss(f'non-finite loss ({float(metrics["loss"])}) at step {at}; stopped without saving it. '
+            raise NonFiniteLoss(f'non-finite loss or gradients at step {at} (loss {float(metrics["loss"]):.4g}, gradient '
+                                f'norm {float(metrics["grad_norm"]):.4g}); stopped without saving it. '
                                 f'The checkpoints in {checkpoints.directory} are intact; lower config.lr or '
                                 f'use dtype float32, then rerun to resume from the last one')
 
