@@ -93,8 +93,6 @@ def _eval_transform(image, size: int, crop_pct: float, resample) -> np.ndarray:
         new_w, new_h = int(short * width / height), short
     if (new_w, new_h) != (width, height):
         image = image.resize((new_w, new_h), resample)
-    if min(new_w, new_h) < size:
-        raise ValueError(f'crop_pct {crop_pct} > 1 is not supported (resized side {short} < crop {size})')
     top = int(round((new_h - size) / 2.0))  # torchvision's CenterCrop offsets (Python's round)
     left = int(round((new_w - size) / 2.0))
     return np.asarray(image.crop((left, top, left + size, top + size)))
@@ -208,8 +206,6 @@ def predict(model: Any, variables: Any, x: Any, top_k: int = 5,
     elif num_classes is not None and len(class_names) != num_classes:
         raise ValueError(f'{len(class_names)} class_names given for a {num_classes}-class model')
     probs = np.asarray(jax.device_get(_probabilities_fn(model)(variables, x)), np.float32)
-    if not 1 <= top_k <= probs.shape[-1]:
-        raise ValueError(f'top_k must be between 1 and {probs.shape[-1]}, got {top_k}')
     classes = np.argsort(-probs, axis=-1, kind='stable')[:, :top_k].astype(np.int32)
     names = [[class_names[c] if class_names is not None else str(c) for c in row] for row in classes.tolist()]
     return Prediction(classes, np.take_along_axis(probs, classes, axis=-1), names)
