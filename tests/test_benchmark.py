@@ -166,3 +166,36 @@ def test_cpu_forms_equal_xla_convolutions():
                    for m in forms]
         for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('channels,kernel,stride,pad', [(3, 3, 2, 1), (6, 3, 2, 1), (6, 1, 1, 0), (6, 3, 1, 1), (5, 5, 4, 2)])
+def test_cpu_dense_conv_forms_equal_xla_convolution(channels, kernel, stride, pad):
+    """Dense convs on CPU: a 1x1 as a matmul; strided ones differentiated as patches times a matmul."""
+    conv = rest_jax.models.layers.dense_conv
+    x = jax.random.normal(jax.random.key(0), (2, 13, 10, channels))
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, channels, 7))
+    target = jax.random.normal(jax.random.key(2), conv(x, w, stride, pad, 'lax').shape)
+    results = [jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(conv(x, w, stride, pad, impl)) * target),
+                                          argnums=(0, 1)))(x, w)
+               for impl in ('shift', 'lax')]
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['rest_lite', 'restv2_tiny'])
+def test_cpu_forms_give_the_same_model_gradients(name):
+    """Every CPU form together (depthwise and dense convs, the gradient fences between blocks) in a
+    two-blocks-per-stage model: the training gradients and BatchNorm updates equal XLA's plain ones."""
+    model = rest_jax.create_model(name, embed_dims=[8, 16, 32, 64], depths=[2, 2, 2, 2], num_classes=5)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    x = jax.random.normal(jax.random.key(1), (2, 64, 72, 3))
+
+    def loss(params, impl):
+        m = model.clone(conv_impl=impl)
+        out, updates = m.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+        return jnp.sum(jnp.tanh(out) * jnp.arange(5.0)), updates
+
+    results = [jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(variables['params'], impl)
+               for impl in ('shift', 'lax')]
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)

@@ -106,11 +106,12 @@ class BasicStem(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         hidden = self.out_ch // 2
-        x = layers.conv(hidden, 3, 2, 1, use_bias=False, dtype=self.dtype, name='conv1')(x)
+        kw = dict(dtype=self.dtype, impl=self.conv_impl)
+        x = layers.conv(hidden, 3, 2, 1, use_bias=False, **kw, name='conv1')(x)
         x = nn.relu(layers.BatchNorm(dtype=self.dtype, name='norm1')(x, train))
-        x = layers.conv(hidden, 3, 1, 1, use_bias=False, dtype=self.dtype, name='conv2')(x)
+        x = layers.conv(hidden, 3, 1, 1, use_bias=False, **kw, name='conv2')(x)
         x = nn.relu(layers.BatchNorm(dtype=self.dtype, name='norm2')(x, train))
-        x = layers.conv(self.out_ch, 3, 2, 1, use_bias=False, dtype=self.dtype, name='conv3')(x)
+        x = layers.conv(self.out_ch, 3, 2, 1, use_bias=False, **kw, name='conv3')(x)
         return layers.PA(self.dtype, self.conv_impl, name='pos')(x)
 
 
@@ -124,7 +125,8 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         p = self.patch_size
-        x = layers.conv(self.out_ch, p + 1, p, p // 2, use_bias=True, dtype=self.dtype, name='conv')(x)
+        kw = dict(dtype=self.dtype, impl=self.conv_impl)
+        x = layers.conv(self.out_ch, p + 1, p, p // 2, use_bias=True, **kw, name='conv')(x)
         x = layers.BatchNorm(dtype=self.dtype, name='norm')(x, train)
         return layers.PA(self.dtype, self.conv_impl, name='pos')(x)
 
