@@ -9,7 +9,7 @@ variance with the unbiased estimate as `torch.nn.BatchNorm2d` does.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +45,6 @@ class Conv(nn.Module):
         if self.use_bias:
             y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
         return y
-
-
-def conv(features: int, kernel: int, stride: int, pad: int, *, use_bias: bool, dtype: Dtype,
-         name: str, impl: str = 'auto') -> Conv:
-    return Conv(features, kernel, stride, pad, use_bias, dtype, impl, name=name)
 
 
 def dense_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int, impl: str) -> jax.Array:
@@ -91,24 +86,32 @@ def _patches_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax
     return jnp.einsum('bhwk,ko->bhwo', patches, kernel.reshape(kh * kw * c, o))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _strided_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+def _differentiated_as(form: Callable, grad_form: Callable, *, forward_too: bool) -> Callable:
+    """`form(x, kernel, stride, pad)` with its derivative taken through `grad_form`: the same function,
+    written in the form XLA:CPU differentiates faster. With `forward_too`, the forward pass under
+    differentiation takes `grad_form` as well (inference keeps `form`)."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def f(x, kernel, stride, pad):
+        return form(x, kernel, stride, pad)
+
+    def fwd(x, kernel, stride, pad):
+        return (grad_form if forward_too else form)(x, kernel, stride, pad), (x, kernel)
+
+    def bwd(stride, pad, residuals, g):
+        x, kernel = residuals
+        return jax.vjp(lambda x, kernel: grad_form(x, kernel, stride, pad), x, kernel)[1](g)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def _strided_conv_forward(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
     if x.shape[-1] <= 4:   # the RGB stem: XLA:CPU's conv is slowest on few input channels
         return _patches_conv(x, kernel, stride, pad)
     return _lax_conv(x, kernel, stride, pad)
 
 
-def _strided_conv_fwd(x, kernel, stride, pad):
-    return _strided_conv(x, kernel, stride, pad), (x, kernel)
-
-
-def _strided_conv_bwd(stride, pad, residuals, g):
-    x, kernel = residuals
-    _, vjp = jax.vjp(lambda x, kernel: _patches_conv(x, kernel, stride, pad), x, kernel)
-    return vjp(g)
-
-
-_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+_strided_conv = _differentiated_as(_strided_conv_forward, _patches_conv, forward_too=False)
 
 
 def dense(features: int, *, use_bias: bool = True, dtype: Dtype, name: str) -> nn.Dense:
@@ -174,32 +177,6 @@ def _shifted_depthwise(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -
     return acc.reshape(b, ho, wo, out)
 
 
-# EMSA's reduction `sr` (kernel s + 1, stride s; s = 8 in stage 1) runs forward as (s + 1)^2 shifted
-# slices, the fastest form on XLA:CPU, but the gradient of those 81 slices is slow to compile and
-# ~20x slower to run than the gradient of the equivalent block reduction below. So inference takes
-# the slices, and under differentiation both passes take the block form: the same function, exactly.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _strided_depthwise(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-    return _shifted_depthwise(x, kernel[:, :, None], stride, pad)
-
-
-def _strided_depthwise_fwd(x, kernel, stride, pad):
-    # Under differentiation the forward pass takes the block form too: XLA fused the slices' form
-    # into the full-resolution input gradient of the LayerNorm that follows and recomputed all
-    # (s + 1)^2 taps per input pixel (~0.25 s of a restv2_tiny training step at 224); reductions are
-    # never duplicated into their consumers.
-    return _blocked_depthwise(x, kernel, stride, pad), (x, kernel)
-
-
-def _strided_depthwise_bwd(stride, pad, residuals, g):
-    x, kernel = residuals
-    _, vjp = jax.vjp(lambda x, kernel: _blocked_depthwise(x, kernel, stride, pad), x, kernel)
-    return vjp(g)
-
-
-_strided_depthwise.defvjp(_strided_depthwise_fwd, _strided_depthwise_bwd)
-
-
 def _blocked_depthwise(x: jax.Array, kernel: jax.Array, s: int, pad: int) -> jax.Array:
     """Depthwise conv with kernel (s + 1, s + 1, C) and stride s as a block reduction.
 
@@ -219,6 +196,18 @@ def _blocked_depthwise(x: jax.Array, kernel: jax.Array, s: int, pad: int) -> jax
     below = (blocks[:, 1:, 0, :wo] * kernel[s, :s]).sum(3)
     right = (blocks[:, :ho, :, 1:, 0] * kernel[:s, None, s]).sum(2)
     return body + below + right + blocks[:, 1:, 0, 1:, 0] * kernel[s, s]
+
+
+# EMSA's reduction `sr` (kernel s + 1, stride s; s = 8 in stage 1) runs forward as (s + 1)^2 shifted
+# slices, the fastest form on XLA:CPU, but the gradient of those 81 slices is slow to compile and
+# ~20x slower to run than the gradient of the block reduction above. So inference takes the slices,
+# and under differentiation both passes take the block form: the same function, exactly. (The forward
+# pass too: XLA fused the slices' form into the full-resolution input gradient of the LayerNorm that
+# follows and recomputed all (s + 1)^2 taps per input pixel, ~0.25 s of a restv2_tiny training step
+# at 224; reductions are never duplicated into their consumers.)
+_strided_depthwise = _differentiated_as(
+    lambda x, kernel, stride, pad: _shifted_depthwise(x, kernel[:, :, None], stride, pad),
+    _blocked_depthwise, forward_too=True)
 
 
 class DepthwiseConv(nn.Module):

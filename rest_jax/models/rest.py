@@ -107,11 +107,11 @@ class BasicStem(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         hidden = self.out_ch // 2
         kw = dict(dtype=self.dtype, impl=self.conv_impl)
-        x = layers.conv(hidden, 3, 2, 1, use_bias=False, **kw, name='conv1')(x)
+        x = layers.Conv(hidden, 3, 2, 1, use_bias=False, **kw, name='conv1')(x)
         x = nn.relu(layers.BatchNorm(dtype=self.dtype, name='norm1')(x, train))
-        x = layers.conv(hidden, 3, 1, 1, use_bias=False, **kw, name='conv2')(x)
+        x = layers.Conv(hidden, 3, 1, 1, use_bias=False, **kw, name='conv2')(x)
         x = nn.relu(layers.BatchNorm(dtype=self.dtype, name='norm2')(x, train))
-        x = layers.conv(self.out_ch, 3, 2, 1, use_bias=False, **kw, name='conv3')(x)
+        x = layers.Conv(self.out_ch, 3, 2, 1, use_bias=False, **kw, name='conv3')(x)
         return layers.PA(self.dtype, self.conv_impl, name='pos')(x)
 
 
@@ -126,7 +126,7 @@ class PatchEmbed(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         p = self.patch_size
         kw = dict(dtype=self.dtype, impl=self.conv_impl)
-        x = layers.conv(self.out_ch, p + 1, p, p // 2, use_bias=True, **kw, name='conv')(x)
+        x = layers.Conv(self.out_ch, p + 1, p, p // 2, use_bias=True, **kw, name='conv')(x)
         x = layers.BatchNorm(dtype=self.dtype, name='norm')(x, train)
         return layers.PA(self.dtype, self.conv_impl, name='pos')(x)
 

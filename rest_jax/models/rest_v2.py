@@ -87,11 +87,11 @@ class ConvStem(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         half = self.out_ch // 2
         kw = dict(dtype=self.dtype, impl=self.conv_impl)
-        x = layers.conv(half, 3, 2, 1, use_bias=False, **kw, name='proj_0')(x)
+        x = layers.Conv(half, 3, 2, 1, use_bias=False, **kw, name='proj_0')(x)
         x = nn.relu(layers.BatchNorm(dtype=self.dtype, name='proj_1')(x, train))
-        x = layers.conv(self.out_ch, 3, 2, 1, use_bias=False, **kw, name='proj_3')(x)
+        x = layers.Conv(self.out_ch, 3, 2, 1, use_bias=False, **kw, name='proj_3')(x)
         x = nn.relu(layers.BatchNorm(dtype=self.dtype, name='proj_4')(x, train))
-        x = layers.conv(self.out_ch, 1, 1, 0, use_bias=True, **kw, name='proj_6')(x)
+        x = layers.Conv(self.out_ch, 1, 1, 0, use_bias=True, **kw, name='proj_6')(x)
         x = layers.PA(self.dtype, self.conv_impl, name='pos')(x)
         return layers.layer_norm(LN_EPS, self.dtype, 'norm')(x)
 
@@ -106,7 +106,7 @@ class PatchEmbed(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no BatchNorm here; same signature as ConvStem
         kw = dict(dtype=self.dtype, impl=self.conv_impl)
-        x = layers.conv(self.out_ch, 3, 2, 1, use_bias=True, **kw, name='proj')(x)
+        x = layers.Conv(self.out_ch, 3, 2, 1, use_bias=True, **kw, name='proj')(x)
         x = layers.PA(self.dtype, self.conv_impl, name='pos')(x)
         return layers.layer_norm(LN_EPS, self.dtype, 'norm')(x)
 
