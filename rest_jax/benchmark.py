@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 import rest_jax
-from rest_jax.models.layers import default_conv_impl
+from rest_jax.models.layers import resolve_conv_impl
 from rest_jax.models.macs import count_macs
 
 # Dense peak FLOP/s per device, by device_kind substring (first match wins): (bfloat16, float32).
@@ -205,7 +205,7 @@ def benchmark(name: str, mode: str = 'infer', batch_size: int = 8, image_size: i
         backend=jax.default_backend(), device_kind=device.device_kind, device_count=jax.device_count(),
         cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
         jax_version=jax.__version__,
-        conv_impl=default_conv_impl() if built['model'].conv_impl == 'auto' else built['model'].conv_impl)
+        conv_impl=resolve_conv_impl(built['model'].conv_impl))
     if official:
         result['official'] = {key: dict(images_per_sec=batch_size / statistics.median(t),
                                         step_ms=statistics.median(t) * 1e3)

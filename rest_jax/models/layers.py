@@ -40,7 +40,7 @@ class Conv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
         kernel = self.param('kernel', weight_init, (k, k, x.shape[-1], self.features))
-        impl = default_conv_impl() if self.impl == 'auto' else self.impl
+        impl = resolve_conv_impl(self.impl)
         y = dense_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.pad, impl)
         if self.use_bias:
             y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
@@ -123,9 +123,12 @@ def layer_norm(eps: float, dtype: Dtype, name: str | None = None) -> nn.LayerNor
     return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
-def default_conv_impl() -> str:
-    """'shift' on CPU, where XLA's grouped convolutions are ~30x slower; 'lax' elsewhere."""
-    return 'shift' if jax.default_backend() == 'cpu' else 'lax'
+def resolve_conv_impl(impl: str) -> str:
+    """The form `impl` names here: 'auto' is 'shift' on CPU (where XLA's grouped convolutions are ~30x
+    slower) and 'lax' elsewhere; 'lax' and 'shift' name themselves."""
+    if impl == 'auto':
+        return 'shift' if jax.default_backend() == 'cpu' else 'lax'
+    return impl
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int, impl: str) -> jax.Array:
@@ -224,7 +227,7 @@ class DepthwiseConv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
         kernel = self.param('kernel', weight_init, (k, k, 1, self.features))
-        impl = default_conv_impl() if self.impl == 'auto' else self.impl
+        impl = resolve_conv_impl(self.impl)
         y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.pad, impl)
         if self.use_bias:
             y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
@@ -323,7 +326,7 @@ class DepthwiseUpsample(nn.Module):
         kernel = self.param('kernel', weight_init, (3, 3, 1, c * r * r)).astype(self.dtype)
         bias = self.param('bias', nn.initializers.zeros, (c * r * r,)).astype(self.dtype)
         x = x.astype(self.dtype)
-        impl = default_conv_impl() if self.impl == 'auto' else self.impl
+        impl = resolve_conv_impl(self.impl)
         if impl != 'shift' or r == 1:
             return pixel_shuffle(depthwise_conv(x, kernel, 1, 1, impl) + bias, r)
         # Output channel c * r * r + i * r + j of the conv is pixel (i, j) of channel c after the shuffle.
@@ -410,7 +413,7 @@ class Backbone(nn.Module):
         return feats
 
     def _fence(self, x: jax.Array) -> jax.Array:
-        impl = default_conv_impl() if self.conv_impl == 'auto' else self.conv_impl
+        impl = resolve_conv_impl(self.conv_impl)
         return gradient_fence(x) if impl == 'shift' else x
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
