@@ -142,8 +142,9 @@ def test_depthwise_macs_by_hand():
 
 def test_cpu_forms_equal_xla_convolutions():
     """The 'shift' forms against XLA's grouped convolutions, values and gradients: EMSA's reduction
-    (slices forward, block form under differentiation, a custom VJP) at strides 8, 4, 2, and v2's
-    upsample branch (taps written into the pixel-shuffled layout, a custom VJP)."""
+    (slices forward, block form under differentiation, a custom VJP) at strides 8, 4, 2, stride-1
+    convs (a custom VJP), and v2's upsample branch (taps written into the pixel-shuffled layout,
+    computed by phase under differentiation, a custom VJP)."""
     layers = rest_jax.models.layers
     dw = layers.depthwise_conv
     for stride, size in [(8, (19, 23)), (4, (13, 17)), (2, (9, 8))]:
@@ -155,7 +156,16 @@ def test_cpu_forms_equal_xla_convolutions():
                    for impl in ('shift', 'lax')]
         for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    for r in (4, 2):
+    for kernel, pad in [(3, 1), (5, 2), (3, 0)]:   # stride 1 (PA's gate): a custom VJP
+        x = jax.random.normal(jax.random.key(0), (2, 9, 7, 6))
+        w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 6))
+        target = jax.random.normal(jax.random.key(2), dw(x, w, 1, pad, 'lax').shape)
+        results = [jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(dw(x, w, 1, pad, impl)) * target),
+                                              argnums=(0, 1)))(x, w)
+                   for impl in ('shift', 'lax')]
+        for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for r in (8, 4, 2, 1):
         x = jax.random.normal(jax.random.key(0), (2, 5, 6, 6))
         forms = [layers.DepthwiseUpsample(r, impl=impl) for impl in ('shift', 'lax')]
         v = forms[0].init(jax.random.key(1), x)
@@ -166,6 +176,20 @@ def test_cpu_forms_equal_xla_convolutions():
                    for m in forms]
         for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_gelu_gradient():
+    """The hand-written GELU backward: Phi(x) + x * phi(x) against float64, tails included (Phi from
+    erfc, as jax.nn.gelu computes it), and against autodiff of the erf form."""
+    x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 241), jax.random.normal(jax.random.key(0), (500,)) * 3])
+    g = jax.random.normal(jax.random.key(1), x.shape)
+    ours = jax.vjp(rest_jax.models.layers.exact_gelu, x)
+    ref = jax.vjp(lambda x: jax.nn.gelu(x, approximate=False), x)
+    np.testing.assert_array_equal(ours[0], ref[0])
+    exact = np.array([0.5 * math.erfc(-v / math.sqrt(2)) + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)
+                      for v in np.asarray(x, np.float64)])
+    np.testing.assert_allclose(ours[1](jnp.ones_like(x))[0], exact, rtol=3e-5, atol=1e-7)
+    np.testing.assert_allclose(ours[1](g)[0], ref[1](g)[0], rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize('channels,kernel,stride,pad', [(3, 3, 2, 1), (6, 3, 2, 1), (6, 1, 1, 0), (6, 3, 1, 1), (5, 5, 4, 2)])
