@@ -106,7 +106,12 @@ def _differentiated_as(form: Callable, grad_form: Callable, *, forward_too: bool
 
 
 def _strided_conv_forward(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-    if x.shape[-1] <= 4:   # the RGB stem: XLA:CPU's conv is slowest on few input channels
+    # Patches times a matmul where XLA:CPU's conv is weakest: few input channels (the RGB stem, ~3x)
+    # and small outputs (the 28 -> 14 and 14 -> 7 embeddings at 224, 1.3-1.6x; their patch matrices
+    # are small). At 56 -> 28 with 96+ channels the conv is as fast or faster.
+    ho = (x.shape[1] + 2 * pad - kernel.shape[0]) // stride + 1
+    wo = (x.shape[2] + 2 * pad - kernel.shape[1]) // stride + 1
+    if x.shape[-1] <= 4 or ho * wo <= 14 * 14:
         return _patches_conv(x, kernel, stride, pad)
     return _lax_conv(x, kernel, stride, pad)
 
