@@ -187,6 +187,12 @@ def _shifted_depthwise(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -
     return acc.reshape(b, ho, wo, out)
 
 
+def _windows(x: jax.Array, kh: int, kw: int, pad: int, ho: int, wo: int) -> list[jax.Array]:
+    """The kh * kw stride-1 windows (B, ho, wo, C) of x zero-padded by `pad`, tap (i, j) at i * kw + j."""
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return [xp[:, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)]
+
+
 def _sums(terms: list[jax.Array], axes: tuple[int, ...]) -> list[jax.Array]:
     """Each of `terms` summed over `axes`, in one variadic reduce.
 
@@ -218,8 +224,7 @@ def _depthwise_stride1_bwd(pad, residuals, g):
     kh, kw, c = kernel.shape
     _, ho, wo, _ = g.shape
     h, w = x.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    dkernel = _sums([g * xp[:, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)], (0, 1, 2))
+    dkernel = _sums([g * win for win in _windows(x, kh, kw, pad, ho, wo)], (0, 1, 2))
     # x[y] feeds out[y - i + pad] through tap i: a conv of g with the flipped kernel, padded kh-1-pad.
     gp = jnp.pad(g, ((0, 0), (kh - 1 - pad, h - ho + pad), (kw - 1 - pad, w - wo + pad), (0, 0)))
     dx = _shifted_depthwise(gp, kernel[::-1, ::-1, None], 1, 0)
@@ -418,12 +423,11 @@ def _shuffled_depthwise(x: jax.Array, taps: jax.Array, bias: jax.Array) -> jax.A
     (B, H * r, W * r, C) with out[:, y * r + i, x * r + j] = bias[i, j] + sum of the nine taps."""
     b, h, w, c = x.shape
     r = taps.shape[2]
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    nine = taps.reshape(9, r, r, c)
     acc = None
-    for i in range(3):
-        for j in range(3):
-            term = xp[:, i:i + h, j:j + w][:, :, None, :, None, :] * taps[i, j][:, None]
-            acc = term if acc is None else acc + term
+    for t, win in enumerate(_windows(x, 3, 3, 1, h, w)):
+        term = win[:, :, None, :, None, :] * nine[t][:, None]
+        acc = term if acc is None else acc + term
     return (acc + bias[:, None]).reshape(b, h * r, w * r, c)
 
 
@@ -438,8 +442,7 @@ def _shuffled_depthwise_by_phase(x: jax.Array, taps: jax.Array, bias: jax.Array)
     """
     b, h, w, c = x.shape
     r = taps.shape[2]
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    shifted = [xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)]
+    shifted = _windows(x, 3, 3, 1, h, w)
     nine = taps.reshape(9, r, r, c)
     phases = []
     for i in range(r):
@@ -464,11 +467,10 @@ def _shuffled_depthwise_bwd(residuals, g):
     b, h, w, c = x.shape
     r = taps.shape[2]
     g = g.reshape(b, h, r, w, r, c)
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    shifted = [xp[:, i:i + h, j:j + w][:, :, None, :, None, :] for i in range(3) for j in range(3)]
+    shifted = [win[:, :, None, :, None, :] for win in _windows(x, 3, 3, 1, h, w)]
     *dtaps, dbias = _sums([g * s for s in shifted] + [g], (0, 1, 3))
-    parts = _sums([g * taps[i, j][:, None] for i in range(3) for j in range(3)], (2, 4))
-    dxp = jnp.zeros_like(xp)
+    parts = _sums([g * tap[:, None] for tap in taps.reshape(9, r, r, c)], (2, 4))
+    dxp = jnp.zeros((b, h + 2, w + 2, c), x.dtype)
     for t, part in enumerate(parts):
         i, j = divmod(t, 3)
         dxp = dxp.at[:, i:i + h, j:j + w].add(part)
