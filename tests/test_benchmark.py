@@ -192,6 +192,33 @@ def test_exact_gelu_gradient():
     np.testing.assert_allclose(ours[1](g)[0], ref[1](g)[0], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize('offset', [0.0, 50.0])
+def test_cpu_layer_norm_equals_flax(offset):
+    """The CPU LayerNorm (hand-written gradient) against Flax's two-pass nn.LayerNorm: the same
+    parameters, the forward pass against float64 (an offset mean tests the two-pass variance), and
+    the gradients of x, scale and bias."""
+    import flax.linen as nn
+    layers = rest_jax.models.layers
+    x = jax.random.normal(jax.random.key(0), (2, 5, 7, 48)) * 3 + offset
+    ours, ref = layers.layer_norm(1e-6, jnp.float32, impl='shift'), layers.layer_norm(1e-6, jnp.float32, impl='lax')
+    assert isinstance(ours, layers.LayerNorm) and isinstance(ref, nn.LayerNorm)
+    params = {'params': {'scale': 1 + 0.1 * jax.random.normal(jax.random.key(1), (48,)),
+                         'bias': 0.1 * jax.random.normal(jax.random.key(2), (48,))}}
+    assert jax.tree.structure(ours.init(jax.random.key(3), x)) == jax.tree.structure(params)
+    x64 = np.asarray(x, np.float64)
+    mean = x64.mean(-1, keepdims=True)
+    exact = (x64 - mean) / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + 1e-6)
+    exact = exact * np.asarray(params['params']['scale']) + np.asarray(params['params']['bias'])
+    np.testing.assert_allclose(jax.jit(ours.apply)(params, x), exact, rtol=0, atol=2e-5 * (1 + offset / 10))
+    target = jax.random.normal(jax.random.key(4), x.shape)
+    grads = [jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.tanh(m.apply(p, x)) * target), argnums=(0, 1)))(params, x)
+             for m in (ours, ref)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + offset / 10))
+    half = layers.layer_norm(1e-6, jnp.bfloat16, impl='shift').apply(params, x.astype(jnp.bfloat16))
+    assert half.dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize('channels,kernel,stride,pad', [(3, 3, 2, 1), (6, 3, 2, 1), (6, 1, 1, 0), (6, 3, 1, 1), (5, 5, 4, 2)])
 def test_cpu_dense_conv_forms_equal_xla_convolution(channels, kernel, stride, pad):
     """Dense convs on CPU: a 1x1 as a matmul; strided ones differentiated as patches times a matmul."""

@@ -123,9 +123,77 @@ def dense(features: int, *, use_bias: bool = True, dtype: Dtype, name: str) -> n
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=weight_init, name=name)
 
 
-def layer_norm(eps: float, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-    """LayerNorm over channels; statistics in float32 with the two-pass variance PyTorch uses."""
+def layer_norm(eps: float, dtype: Dtype, name: str | None = None, impl: str = 'auto') -> nn.Module:
+    """LayerNorm over channels; statistics in float32 with the two-pass variance PyTorch uses.
+
+    'lax' is Flax's nn.LayerNorm; 'shift' (XLA:CPU) is `LayerNorm`, the same parameters ('scale',
+    'bias') and the same arithmetic with a hand-written gradient.
+    """
+    if resolve_conv_impl(impl) == 'shift':
+        return LayerNorm(eps, dtype, name=name)
     return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+class LayerNorm(nn.Module):
+    """`nn.LayerNorm(C, eps)` over the last axis, for XLA:CPU; parameters as Flax's nn.LayerNorm.
+
+    Statistics and output are computed in float32 and the output cast to `dtype`. See
+    `_layer_norm_f32` for why the gradient is written by hand.
+    """
+    epsilon: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param('scale', nn.initializers.ones, (c,))
+        bias = self.param('bias', nn.initializers.zeros, (c,))
+        return _layer_norm_f32(x.astype(jnp.float32), scale, bias, self.epsilon).astype(self.dtype)
+
+
+def _row_stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """Mean and 1 / sqrt(var + eps) over the last axis (kept as a size-1 axis), two-pass.
+
+    The variance is the corrected two-pass sum(d^2) - sum(d)^2 / n with d = x - mean: as exact as
+    PyTorch's, and both sums come out of one variadic reduce.
+    """
+    n = x.shape[-1]
+    mean = jnp.sum(x, -1, keepdims=True) / n
+    d = x - mean
+    s1, s2 = _sums([d, d * d], (x.ndim - 1,))
+    var = (s2 - s1 * s1 / n) / n
+    return mean, lax.rsqrt(var + eps)[..., None]
+
+
+# LayerNorm differentiated by hand. Autodiff of the textbook form keeps the centred input and the
+# broadcast statistics for the backward pass, and XLA:CPU materialises each full-size broadcast as a
+# YNNPACK operand (~50 'wrapped_broadcast' copies in a restv2_tiny step). Here the backward pass keeps
+# x and the per-row statistics and forms dx = rstd * (g' - mean(g') - xhat * mean(g' * xhat)), with
+# g' = g * scale, from two variadic reduces. In a restv2_tiny training step the LayerNorm fusions went
+# from ~230 to under 70 ms (profile) and the step ~10% faster (alternating runs).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_f32(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    mean, rstd = _row_stats(x, eps)
+    return (x - mean) * rstd * scale + bias
+
+
+def _layer_norm_f32_fwd(x, scale, bias, eps):
+    mean, rstd = _row_stats(x, eps)
+    return (x - mean) * rstd * scale + bias, (x, mean, rstd, scale)
+
+
+def _layer_norm_f32_bwd(eps, residuals, g):
+    x, mean, rstd, scale = residuals
+    n = x.shape[-1]
+    xhat = (x - mean) * rstd
+    gs = g * scale
+    s_g, s_gx = _sums([gs, gs * xhat], (x.ndim - 1,))
+    dx = rstd * (gs - s_g[..., None] / n - xhat * (s_gx[..., None] / n))
+    dscale, dbias = _sums([g * xhat, g], tuple(range(x.ndim - 1)))
+    return dx, dscale, dbias
+
+
+_layer_norm_f32.defvjp(_layer_norm_f32_fwd, _layer_norm_f32_bwd)
 
 
 def resolve_conv_impl(impl: str) -> str:

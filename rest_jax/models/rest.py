@@ -39,7 +39,7 @@ class Attention(nn.Module):
         if self.sr_ratio > 1:
             r = self.sr_ratio
             x = layers.DepthwiseConv(c, r + 1, r, r // 2, dtype=self.dtype, impl=self.conv_impl, name='sr')(x)
-            x = layers.layer_norm(LN_EPS, self.dtype, 'sr_norm')(x)
+            x = layers.layer_norm(LN_EPS, self.dtype, 'sr_norm', self.conv_impl)(x)
         kv = layers.dense(2 * c, use_bias=self.qkv_bias, dtype=self.dtype, name='kv')(x)
         kv = kv.reshape(b, -1, 2, heads, hd)
         k, v = kv[:, :, 0], kv[:, :, 1]
@@ -88,11 +88,11 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = x.shape[-1]
         drop = layers.DropPath(self.drop_path)
-        y = layers.layer_norm(LN_EPS, self.dtype, 'norm1')(x)
+        y = layers.layer_norm(LN_EPS, self.dtype, 'norm1', self.conv_impl)(x)
         y = Attention(self.num_heads, self.qkv_bias, self.qk_scale, self.sr_ratio, self.apply_transform,
                       dtype=self.dtype, conv_impl=self.conv_impl, name='attn')(y)
         x = x + drop(y, deterministic=not train)
-        y = layers.layer_norm(LN_EPS, self.dtype, 'norm2')(x)
+        y = layers.layer_norm(LN_EPS, self.dtype, 'norm2', self.conv_impl)(x)
         y = layers.Mlp(int(c * self.mlp_ratio), dtype=self.dtype, name='mlp')(y)
         return x + drop(y, deterministic=not train)
 
@@ -160,7 +160,7 @@ class ResT(layers.Backbone):
                       self.apply_transform, next(dpr), **kw)
                 for _ in range(self.depths[i])])
         self.stage1, self.stage2, self.stage3, self.stage4 = stages
-        self.norm = layers.layer_norm(LN_EPS, self.dtype)
+        self.norm = layers.layer_norm(LN_EPS, self.dtype, impl=self.conv_impl)
         if self.num_classes > 0:
             self.head = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=layers.weight_init)
 

@@ -38,7 +38,7 @@ class Attention(nn.Module):
         q = layers.dense(c, dtype=self.dtype, name='q')(x).reshape(b, h * w, heads, hd)
         if r > 1:
             x = layers.DepthwiseConv(c, r + 1, r, r // 2, dtype=self.dtype, impl=self.conv_impl, name='sr')(x)
-            x = layers.layer_norm(LN_EPS, self.dtype, 'sr_norm')(x)
+            x = layers.layer_norm(LN_EPS, self.dtype, 'sr_norm', self.conv_impl)(x)
         hr, wr = x.shape[1:3]
         kv = layers.dense(2 * c, dtype=self.dtype, name='kv')(x).reshape(b, hr * wr, 2, heads, hd)
         k, v = kv[:, :, 0], kv[:, :, 1]
@@ -51,7 +51,7 @@ class Attention(nn.Module):
         # which is exactly the (heads, hd) order of our last axis.
         identity = v.reshape(b, hr, wr, c)
         identity = layers.DepthwiseUpsample(r, dtype=self.dtype, impl=self.conv_impl, name='up_0')(identity)[:, :h, :w]
-        identity = layers.layer_norm(LN_EPS, self.dtype, 'up_norm')(identity)
+        identity = layers.layer_norm(LN_EPS, self.dtype, 'up_norm', self.conv_impl)(identity)
         return layers.dense(c, dtype=self.dtype, name='proj')(out + identity)
 
 
@@ -66,10 +66,10 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         drop = layers.DropPath(self.drop_path)
-        y = layers.layer_norm(LN_EPS, self.dtype, 'norm1')(x)
+        y = layers.layer_norm(LN_EPS, self.dtype, 'norm1', self.conv_impl)(x)
         y = Attention(self.num_heads, self.sr_ratio, self.dtype, self.conv_impl, name='attn')(y)
         x = x + drop(y, deterministic=not train)
-        y = layers.layer_norm(LN_EPS, self.dtype, 'norm2')(x)
+        y = layers.layer_norm(LN_EPS, self.dtype, 'norm2', self.conv_impl)(x)
         y = layers.Mlp(4 * x.shape[-1], dtype=self.dtype, name='mlp')(y)
         return x + drop(y, deterministic=not train)
 
@@ -93,7 +93,7 @@ class ConvStem(nn.Module):
         x = nn.relu(layers.BatchNorm(dtype=self.dtype, name='proj_4')(x, train))
         x = layers.Conv(self.out_ch, 1, 1, 0, use_bias=True, **kw, name='proj_6')(x)
         x = layers.PA(self.dtype, self.conv_impl, name='pos')(x)
-        return layers.layer_norm(LN_EPS, self.dtype, 'norm')(x)
+        return layers.layer_norm(LN_EPS, self.dtype, 'norm', self.conv_impl)(x)
 
 
 class PatchEmbed(nn.Module):
@@ -108,7 +108,7 @@ class PatchEmbed(nn.Module):
         kw = dict(dtype=self.dtype, impl=self.conv_impl)
         x = layers.Conv(self.out_ch, 3, 2, 1, use_bias=True, **kw, name='proj')(x)
         x = layers.PA(self.dtype, self.conv_impl, name='pos')(x)
-        return layers.layer_norm(LN_EPS, self.dtype, 'norm')(x)
+        return layers.layer_norm(LN_EPS, self.dtype, 'norm', self.conv_impl)(x)
 
 
 class ResTV2(layers.Backbone):
@@ -132,7 +132,7 @@ class ResTV2(layers.Backbone):
         stages = [[Block(self.num_heads[i], self.sr_ratios[i], next(dpr), **kw) for _ in range(self.depths[i])]
                   for i in range(4)]
         self.stage1, self.stage2, self.stage3, self.stage4 = stages
-        self.norm = layers.layer_norm(LN_EPS, self.dtype)
+        self.norm = layers.layer_norm(LN_EPS, self.dtype, impl=self.conv_impl)
         if self.num_classes > 0:
             self.head = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=layers.weight_init)
 
