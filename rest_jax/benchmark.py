@@ -6,9 +6,7 @@
     python -m rest_jax.benchmark --official ~/ResT      # the official PyTorch code side by side
 
 Protocol: compile first (timed apart), two warm-up calls, then `--repeats` timed calls, each waited
-for; the figure is the median. The CLI first makes glibc reuse freed host memory (`rest_jax.host`;
-`--default-malloc` keeps glibc's default), which spares XLA:CPU the page faults of a fresh temporary
-buffer at every step; an official model timed beside runs in the same process, under the same malloc. `--mode train` times a whole optimizer step (forward, backward and
+for; the figure is the median. `--mode train` times a whole optimizer step (forward, backward and
 AdamW update) on synthetic images and labels, with BatchNorm in train mode and a dropout rng. Needs
 neither tensorflow nor torch; torch is imported only for `--official`.
 """
@@ -29,7 +27,6 @@ import numpy as np
 import optax
 
 import rest_jax
-from rest_jax import host
 from rest_jax.models.layers import resolve_conv_impl
 from rest_jax.models.macs import count_macs
 
@@ -276,8 +273,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
 def describe(r: dict[str, Any]) -> str:
     lines = [f"{r['model']} {r['mode']} ({r['dtype']}, batch {r['batch_size']} at {r['image_size']}, "
-             f"{r['backend']}: {r['device_kind']}, {r['cpu_count']} CPUs, conv_impl {r['conv_impl']}"
-             + (f", malloc: {r['host_malloc']}" if 'host_malloc' in r else '') + ')',
+             f"{r['backend']}: {r['device_kind']}, {r['cpu_count']} CPUs, conv_impl {r['conv_impl']})",
              f"  images/s        {r['images_per_sec']:.1f}  (median {r['step_ms']:.1f} ms/step, "
              f"best {r['step_ms_min']:.1f}, {r['repeats']} runs)",
              f"  compile         {r['compile_seconds']:.1f} s",
@@ -320,8 +316,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--official', metavar='PATH', help='a clone of wofmanaf/ResT to time side by side (needs torch)')
     parser.add_argument('--official-compile', action='store_true', help='also time the official code under torch.compile')
     parser.add_argument('--json', action='store_true', help='print one JSON object instead of text')
-    parser.add_argument('--default-malloc', action='store_true',
-                        help="keep glibc's default malloc (by default freed memory is reused: see rest_jax.host)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f'--repeats must be at least 1, got {args.repeats}')
@@ -330,10 +324,6 @@ def main(argv: list[str] | None = None) -> None:
 
     if {'conv_impl', 'dtype'} & set(args.arch):
         parser.error('--arch: set conv_impl and dtype with --conv-impl and --dtype')
-    # Before any computation: jax's worker threads take their malloc arena on first use.
-    malloc = 'glibc default'
-    if not args.default_malloc and host.reuse_freed_memory():
-        malloc = 'reuse freed memory (rest_jax.host)'
     names = rest_jax.list_models() if args.all else [args.model]
     results = []
     for name in names:
@@ -343,7 +333,6 @@ def main(argv: list[str] | None = None) -> None:
                           **args.arch)
         except ValueError as e:   # a bad override or size: create_model's message says what is valid
             parser.error(str(e))
-        r['host_malloc'] = malloc
         results.append(r)
         if not args.json:
             print(describe(r), flush=True)
@@ -352,8 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.all:
         d = results[0]
         print(f"\n{args.mode}, {args.dtype}, batch {args.batch_size} at {args.image_size}, "
-              f"{d['backend']} ({d['device_kind']}, {d['cpu_count']} CPUs), jax {d['jax_version']}, "
-              f"malloc: {malloc}:\n")
+              f"{d['backend']} ({d['device_kind']}, {d['cpu_count']} CPUs), jax {d['jax_version']}:\n")
         print(markdown_table(results))
 
 
