@@ -10,6 +10,7 @@ import types
 
 import jax
 import jax.extend
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -197,7 +198,6 @@ def test_cpu_layer_norm_equals_flax(offset):
     """The CPU LayerNorm (hand-written gradient) against Flax's two-pass nn.LayerNorm: the same
     parameters, the forward pass against float64 (an offset mean tests the two-pass variance), and
     the gradients of x, scale and bias."""
-    import flax.linen as nn
     layers = rest_jax.models.layers
     x = jax.random.normal(jax.random.key(0), (2, 5, 7, 48)) * 3 + offset
     ours, ref = layers.layer_norm(1e-6, jnp.float32, impl='shift'), layers.layer_norm(1e-6, jnp.float32, impl='lax')
