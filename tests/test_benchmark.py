@@ -180,17 +180,42 @@ def test_cpu_forms_equal_xla_convolutions():
 
 
 def test_exact_gelu_gradient():
-    """The hand-written GELU backward: Phi(x) + x * phi(x) against float64, tails included (to the
-    ~6e-8 absolute accuracy of Phi from erf), and against autodiff of jax.nn.gelu."""
+    """GELU in PyTorch's erf form: the output against float64 and jax.nn.gelu (erfc form) to
+    |x| * 6e-8; the hand-written backward Phi(x) + x * phi(x) against float64, tails included (to
+    the ~6e-8 absolute accuracy of Phi from erf), and against autodiff of jax.nn.gelu."""
     x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 241), jax.random.normal(jax.random.key(0), (500,)) * 3])
     g = jax.random.normal(jax.random.key(1), x.shape)
-    ours = jax.vjp(rest_jax.models.layers.exact_gelu, x)
+    ours = jax.vjp(jax.jit(rest_jax.models.layers.exact_gelu), x)
     ref = jax.vjp(lambda x: jax.nn.gelu(x, approximate=False), x)
-    np.testing.assert_array_equal(ours[0], ref[0])
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(ours[0], [0.5 * v * math.erfc(-v / math.sqrt(2)) for v in x64], rtol=2e-6, atol=8e-7)
+    np.testing.assert_allclose(ours[0], ref[0], rtol=2e-6, atol=8e-7)
     exact = np.array([0.5 * math.erfc(-v / math.sqrt(2)) + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)
                       for v in np.asarray(x, np.float64)])
     np.testing.assert_allclose(ours[1](jnp.ones_like(x))[0], exact, rtol=3e-5, atol=2e-7)
     np.testing.assert_allclose(ours[1](g)[0], ref[1](g)[0], rtol=1e-4, atol=1e-6)
+    # bfloat16 in, bfloat16 out, computed in float32: no cancellation of 1 + erf(x) in the lower tail.
+    xb = x.astype(jnp.bfloat16)
+    exact_b = [0.5 * v * math.erfc(-v / math.sqrt(2)) for v in np.asarray(xb, np.float64)]
+    out_b = jax.jit(rest_jax.models.layers.exact_gelu)(xb)
+    assert out_b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out_b, np.float64), exact_b, rtol=8e-3, atol=8e-7)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_fusion_fence_is_the_identity(dtype):
+    """The fence after PA (an XLA:CPU fusion barrier) changes no bit, special values included, in
+    the forward and backward pass, and survives compilation on CPU (else it would fence nothing)."""
+    info = jnp.finfo(dtype)
+    special = jnp.array([0.0, -0.0, info.tiny, info.smallest_subnormal, -info.smallest_subnormal, info.max,
+                         -info.max, info.eps, jnp.inf, -jnp.inf, jnp.nan, 1 / 3], dtype)
+    x = jnp.concatenate([special, jax.random.normal(jax.random.key(0), (500,), dtype) * 100])
+    fence = jax.jit(rest_jax.models.layers.fusion_fence)
+    bits = lambda a: np.asarray(a).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32)
+    np.testing.assert_array_equal(bits(fence(x)), bits(x))
+    np.testing.assert_array_equal(bits(jax.vjp(fence, x)[1](x)[0]), bits(x))
+    if jax.default_backend() == 'cpu':
+        assert 'reduce-precision' in fence.lower(x).compile().as_text()
 
 
 @pytest.mark.parametrize('offset', [0.0, 50.0])

@@ -362,9 +362,23 @@ class PA(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = DepthwiseConv(x.shape[-1], 3, 1, 1, dtype=self.dtype, impl=self.conv_impl,
-                             name='pa_conv')(x)
-        return x * nn.sigmoid(gate)
+        impl = resolve_conv_impl(self.conv_impl)
+        gate = DepthwiseConv(x.shape[-1], 3, 1, 1, dtype=self.dtype, impl=impl, name='pa_conv')(x)
+        y = x * nn.sigmoid(gate)
+        return fusion_fence(y) if impl == 'shift' else y
+
+
+def fusion_fence(x: jax.Array) -> jax.Array:
+    """x, bit for bit, through an op XLA:CPU's library (YNNPACK) fusions cannot absorb.
+
+    On CPU, the fusion that computes a LayerNorm's mean grows upward through PA's gate into the nine
+    shifted slices of its depthwise conv and materialises each padded slice as a separate operand:
+    the stem's PA + LayerNorm took ~50 ms per batch of 8 at 56x56x96 instead of ~10. A
+    reduce_precision to the array's own format is the identity (denormals, NaN and -0 included)
+    that XLA keeps and YNNPACK does not fuse, so the conv and gate stay one loop fusion.
+    """
+    info = jnp.finfo(x.dtype)
+    return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 class BatchNorm(nn.Module):
@@ -430,17 +444,20 @@ class Mlp(nn.Module):
 
 @jax.custom_vjp
 def exact_gelu(x: jax.Array) -> jax.Array:
-    """PyTorch's nn.GELU(): x * Phi(x), the erf form.
+    """PyTorch's nn.GELU(): x * Phi(x), the erf form, with PyTorch's formula 0.5 x (1 + erf(x / sqrt 2)).
 
     Differentiated by hand: autodiff evaluates erf and the Gaussian density in the forward pass and
     keeps both for the backward pass (three passes over the MLP's hidden activations, two stored);
-    here the forward pass computes only the output (fused into fc1's epilogue) and keeps x, and the
-    backward pass evaluates Phi(x) + x * phi(x) in one pass. Phi comes from erf, not erfc: XLA:CPU
-    runs erf in YNNPACK and erfc as a slow rational approximation (erfc made a rest_lite training
-    step ~15% slower); the cost is an absolute error of ~6e-8 in Phi's lower tail, far below float32
-    gradient noise.
+    here the forward pass computes only the output and keeps x, and the backward pass evaluates
+    Phi(x) + x * phi(x) in one pass. Both passes take Phi from erf, not erfc (which Flax's
+    nn.gelu(approximate=False) uses): XLA:CPU runs erf in YNNPACK and erfc as a slow rational
+    approximation (erfc made a rest_lite training step ~15% slower, and restv2_tiny's first fc1 +
+    GELU 39 ms instead of 33 per batch of 8); the cost is an absolute error of ~6e-8 in Phi's lower
+    tail, the error PyTorch's own kernel has, far below float32 gradient noise. In float32 whatever
+    the input dtype, as PyTorch does for bfloat16: in bfloat16, 1 + erf(x) cancels to nothing below x ~ -1.5.
     """
-    return nn.gelu(x, approximate=False)
+    xf = x.astype(jnp.float32)
+    return (0.5 * xf * (1 + lax.erf(xf * 0.7071067811865476))).astype(x.dtype)
 
 
 def _exact_gelu_fwd(x):
