@@ -48,4 +48,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    # On CPU, page faults on XLA's fresh per-step temporaries cost ~25% of a training step; glibc's
+    # huge-page tunable, read at process start, removes them (rest_jax/host.py). REST_JAX_HUGE_PAGES=0 opts out.
+    from rest_jax import host
+    host.reexec_with_huge_pages()
     app.run(main, flags_parser=parse_flags)

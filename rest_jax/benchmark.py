@@ -8,7 +8,9 @@
 Protocol: compile first (timed apart), two warm-up calls, then `--repeats` timed calls, each waited
 for; the figure is the median. `--mode train` times a whole optimizer step (forward, backward and
 AdamW update) on synthetic images and labels, with BatchNorm in train mode and a dropout rng. Needs
-neither tensorflow nor torch; torch is imported only for `--official`.
+neither tensorflow nor torch; torch is imported only for `--official`. On Linux the command restarts
+itself once with glibc's huge-page tunable set (see rest_jax.host; REST_JAX_HUGE_PAGES=0 opts out);
+the output says whether huge pages were on.
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+try:
+    import resource   # page faults and kernel time per step (Unix)
+except ImportError:
+    resource = None
+
 import rest_jax
+from rest_jax import host
 from rest_jax.models.layers import resolve_conv_impl
 from rest_jax.models.macs import count_macs
 
@@ -62,19 +70,40 @@ def num_params(variables: Any) -> int:
     return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables['params']))
 
 
-def time_calls(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+def time_calls(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
+               host_costs: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each function, interleaved round-robin so that load on a shared machine
-    falls on all of them alike. Each call must return only once its work is done."""
+    falls on all of them alike. Each call must return only once its work is done.
+
+    With `host_costs` (a dict to fill), also records per name the process's minor page faults and
+    kernel CPU seconds per call, where the platform reports them (`resource`, Unix).
+    """
     for call in calls.values():
         for _ in range(warmup):
             call()
     times: dict[str, list[float]] = {name: [] for name in calls}
+    totals = {name: [0.0, 0.0] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
+            before = _rusage()
             start = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - start)
+            after = _rusage()
+            if before and after:
+                totals[name][0] += after[0] - before[0]
+                totals[name][1] += after[1] - before[1]
+    if host_costs is not None and _rusage():
+        host_costs.update({name: [faults / repeats, kernel / repeats] for name, (faults, kernel) in totals.items()})
     return times
+
+
+def _rusage() -> tuple[int, float] | None:
+    """(minor page faults, kernel CPU seconds) of this process so far, or None without `resource`."""
+    if resource is None:
+        return None
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
 
 
 def build(name: str, mode: str = 'infer', batch_size: int = 8, image_size: int = 224, dtype: str = 'float32',
@@ -179,13 +208,15 @@ def benchmark(name: str, mode: str = 'infer', batch_size: int = 8, image_size: i
     Returns:
       A JSON-able dict: images_per_sec, step_ms (median) and step_ms_min, compile_seconds,
       macs_per_image, xla_flops_per_image, num_params, peak_memory_bytes, mfu (None without a known
-      accelerator peak), the device, and `official` figures when asked for.
+      accelerator peak), the device, host_huge_pages (rest_jax.host), page_faults_per_step and
+      kernel_seconds_per_step (None where not reported), and `official` figures when asked for.
     """
     built = build(name, mode, batch_size, image_size, dtype, **overrides)
     calls = {'rest_jax': built['call']}
     if official:
         calls.update(official_calls(official, name, mode, batch_size, image_size, official_compile, **overrides))
-    times = time_calls(calls, repeats)
+    host_costs: dict[str, list[float]] = {}
+    times = time_calls(calls, repeats, host_costs=host_costs)
     median = statistics.median(times['rest_jax'])
     device = jax.devices()[0]
     images_per_sec = batch_size / median
@@ -204,11 +235,14 @@ def benchmark(name: str, mode: str = 'infer', batch_size: int = 8, image_size: i
                   f'no peak FLOP/s known for {device.device_kind!r} ({device.platform}); MFU omitted'),
         backend=jax.default_backend(), device_kind=device.device_kind, device_count=jax.device_count(),
         cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
-        jax_version=jax.__version__,
+        jax_version=jax.__version__, host_huge_pages=host.huge_pages_status(),
+        page_faults_per_step=host_costs['rest_jax'][0] if host_costs else None,
+        kernel_seconds_per_step=host_costs['rest_jax'][1] if host_costs else None,
         conv_impl=resolve_conv_impl(built['model'].conv_impl))
     if official:
         result['official'] = {key: dict(images_per_sec=batch_size / statistics.median(t),
-                                        step_ms=statistics.median(t) * 1e3)
+                                        step_ms=statistics.median(t) * 1e3,
+                                        page_faults_per_step=host_costs[key][0] if host_costs else None)
                               for key, t in times.items() if key != 'rest_jax'}
     return result
 
@@ -282,7 +316,10 @@ def describe(r: dict[str, Any]) -> str:
              f"XLA cost analysis: {r['xla_flops_per_image'] / 2e9:.3f} G (flops / 2)",
              f"  peak memory     " + (f"{r['peak_memory_bytes'] / 2 ** 20:.0f} MiB ({r['peak_memory_source']})"
                                       if r['peak_memory_bytes'] else 'n/a'),
-             f"  MFU             " + (f"{r['mfu']:.1%} {r['mfu_note']}" if r['mfu'] is not None else r['mfu_note'])]
+             f"  MFU             " + (f"{r['mfu']:.1%} {r['mfu_note']}" if r['mfu'] is not None else r['mfu_note']),
+             f"  host huge pages {r['host_huge_pages']}"
+             + (f"; {r['page_faults_per_step']:.0f} page faults and {r['kernel_seconds_per_step']:.3f} s of "
+                "kernel time per step" if r['page_faults_per_step'] is not None else '')]
     for key, o in r.get('official', {}).items():
         lines.append(f"  {key:<15} {o['images_per_sec']:.1f} images/s ({o['step_ms']:.1f} ms/step), "
                      f"rest_jax is {r['images_per_sec'] / o['images_per_sec']:.2f}x")
@@ -346,4 +383,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
+    # Page faults on XLA:CPU's fresh temporaries cost ~25% of a CPU training step (rest_jax.host);
+    # the official model timed beside ours runs in this same process, under the same setting.
+    host.reexec_with_huge_pages()
     main()
