@@ -75,8 +75,14 @@ def time_calls(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 
     """Seconds per call of each function, interleaved round-robin so that load on a shared machine
     falls on all of them alike. Each call must return only once its work is done.
 
+    With several functions, each timed call follows an untimed one of the same function: the first
+    call after another model's was not the steady state. On the 2-core VM of this project's CPU
+    figures, a restv2_tiny training step right after an official PyTorch step took 2.0 s instead of
+    0.8 s (0.8 s of kernel time zeroing fresh pages; the next call was back at 0.8 s), which no
+    training run sees.
+
     With `host_costs` (a dict to fill), also records per name the process's minor page faults and
-    kernel CPU seconds per call, where the platform reports them (`resource`, Unix).
+    kernel CPU seconds per timed call, where the platform reports them (`resource`, Unix).
     """
     for call in calls.values():
         for _ in range(warmup):
@@ -85,6 +91,8 @@ def time_calls(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 
     totals = {name: [0.0, 0.0] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
+            if len(calls) > 1:
+                call()
             before = _rusage()
             start = time.perf_counter()
             call()

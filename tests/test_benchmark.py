@@ -77,6 +77,21 @@ def test_bad_input_says_what_to_do(capsys):
         assert message in capsys.readouterr().err
 
 
+def test_time_calls_protocol():
+    """Warm-ups first; then rounds in which each function's timed call follows an untimed call of its
+    own (with a single function, every call after the warm-ups is timed); page faults per timed call."""
+    log = []
+    calls = {name: (lambda name=name: log.append(name)) for name in ('a', 'b')}
+    costs = {}
+    times = benchmark.time_calls(calls, repeats=3, warmup=2, host_costs=costs)
+    assert log == ['a', 'a', 'b', 'b'] + ['a', 'a', 'b', 'b'] * 3
+    assert {k: len(v) for k, v in times.items()} == {'a': 3, 'b': 3}
+    if sys.platform.startswith('linux'):
+        assert set(costs) == {'a', 'b'} and all(faults >= 0 and kernel >= 0 for faults, kernel in costs.values())
+    log.clear()
+    assert len(benchmark.time_calls({'a': calls['a']}, repeats=3)['a']) == 3 and log == ['a'] * 5
+
+
 def test_peak_flops_by_device_kind():
     def device(kind, platform='gpu'):
         return types.SimpleNamespace(device_kind=kind, platform=platform)
