@@ -264,16 +264,31 @@ def test_cpu_layer_norm_equals_flax(offset):
 
 @pytest.mark.parametrize('channels,kernel,stride,pad', [(3, 3, 2, 1), (6, 3, 2, 1), (6, 1, 1, 0), (6, 3, 1, 1), (5, 5, 4, 2)])
 def test_cpu_dense_conv_forms_equal_xla_convolution(channels, kernel, stride, pad):
-    """Dense convs on CPU: a 1x1 as a matmul; strided ones differentiated as patches times a matmul."""
-    conv = rest_jax.models.layers.dense_conv
+    """Dense convs on CPU: a 1x1 as a matmul; strided ones differentiated as patches times a matmul or
+    through XLA's conv (both forms checked, whichever this host's ISA picks)."""
+    layers = rest_jax.models.layers
     x = jax.random.normal(jax.random.key(0), (2, 13, 10, channels))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, channels, 7))
-    target = jax.random.normal(jax.random.key(2), conv(x, w, stride, pad, 'lax').shape)
-    results = [jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(conv(x, w, stride, pad, impl)) * target),
+    target = jax.random.normal(jax.random.key(2), layers.dense_conv(x, w, stride, pad, 'lax').shape)
+    forms = [lambda *a: layers.dense_conv(*a, 'shift'), lambda *a: layers.dense_conv(*a, 'lax')]
+    if stride > 1:
+        forms += [layers._strided_conv_patches_grad, layers._strided_conv_lax_grad]
+    results = [jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(f(x, w, stride, pad)) * target),
                                           argnums=(0, 1)))(x, w)
-               for impl in ('shift', 'lax')]
-    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+               for f in forms]
+    for other in results[:1] + results[2:]:
+        for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(results[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_conv_gradient_form_by_isa():
+    """AVX2: always the patches form. AVX-512: XLA's conv for the RGB stem and for <= 32 channels at
+    56x56 outputs and above (v1's stem), the patches form elsewhere."""
+    pick = rest_jax.models.layers.strided_conv_gradient_form
+    assert {pick(c, h, h, False) for c, h in [(3, 112), (32, 56), (96, 28), (384, 7)]} == {'patches'}
+    assert [pick(c, h, w, True) for c, h, w in [(3, 112, 112), (4, 7, 7), (32, 56, 56), (32, 56, 60), (32, 28, 28),
+                                                (48, 56, 56), (64, 56, 56), (384, 7, 7)]] == \
+        ['lax', 'lax', 'lax', 'lax', 'patches', 'patches', 'patches', 'patches']
 
 
 @pytest.mark.parametrize('name', ['rest_lite', 'restv2_tiny'])

@@ -53,8 +53,8 @@ def dense_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int, impl: str
     'lax' is one `conv_general_dilated`. 'shift' (XLA:CPU) keeps the arithmetic and changes the form:
     a 1x1 conv is a matmul (~2x faster than XLA:CPU's conv); a strided conv runs forward as the conv
     (or, on few input channels, as patches times a matmul: 3x faster for the RGB stem) and is
-    differentiated through the patches-times-matmul form, whose gradient is ~1.5-5x faster than the
-    conv's on XLA:CPU.
+    differentiated in the form `strided_conv_gradient_form` picks for the shape and the host's ISA
+    (mostly the patches-times-matmul form, whose gradient is ~1.5-5x faster than the conv's on AVX2).
     """
     kh, kw, _, _ = kernel.shape
     if impl == 'lax':
@@ -116,7 +116,42 @@ def _strided_conv_forward(x: jax.Array, kernel: jax.Array, stride: int, pad: int
     return _lax_conv(x, kernel, stride, pad)
 
 
-_strided_conv = _differentiated_as(_strided_conv_forward, _patches_conv, forward_too=False)
+_strided_conv_patches_grad = _differentiated_as(_strided_conv_forward, _patches_conv, forward_too=False)
+_strided_conv_lax_grad = _differentiated_as(_strided_conv_forward, _lax_conv, forward_too=False)
+
+
+def _strided_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    ho = (x.shape[1] + 2 * pad - kernel.shape[0]) // stride + 1
+    wo = (x.shape[2] + 2 * pad - kernel.shape[1]) // stride + 1
+    if strided_conv_gradient_form(x.shape[-1], ho, wo, host_has_avx512()) == 'lax':
+        return _strided_conv_lax_grad(x, kernel, stride, pad)
+    return _strided_conv_patches_grad(x, kernel, stride, pad)
+
+
+def strided_conv_gradient_form(channels: int, ho: int, wo: int, avx512: bool) -> str:
+    """Which form XLA:CPU differentiates a strided conv faster in: 'patches' (times a matmul) or 'lax'.
+
+    Measured per ISA (ms per gradient at batch 8). With AVX2 (a Zen 3 machine) the patches form won
+    everywhere, by 1.5-5x (the 3 -> 48 stem: 15.8 vs 75.9; 48 -> 96 at 112 -> 56: 93.6 vs 199). With
+    AVX-512 (Zen 5) XLA's own convolution gradient is far faster and wins where the input has few
+    channels: the RGB stem (training steps 1-2% faster) and v1's 32 -> 64 stem conv at 112 -> 56 (17.6 vs
+    31.3 ms; rest_lite and rest_small steps 3-5% faster). With more channels at that size (48 -> 96,
+    64 -> 128) the two were level in isolation, but the lax gradient made a restv2_tiny step 12% slower,
+    and from 56 -> 28 down the patches form wins (14 -> 7 with 384 channels: 10.3 vs 16.2).
+    """
+    if avx512 and (channels <= 4 or (channels <= 32 and ho * wo >= 56 * 56)):
+        return 'lax'
+    return 'patches'
+
+
+@functools.cache
+def host_has_avx512() -> bool:
+    """Whether this host's CPU has AVX-512 (Linux's /proc/cpuinfo; False where it cannot tell)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return 'avx512f' in f.read().split()
+    except OSError:
+        return False
 
 
 def dense(features: int, *, use_bias: bool = True, dtype: Dtype, name: str) -> nn.Dense:
