@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS, BATCH, SIZE, CLASSES = 3, 16, 32, 10
+STEPS, BATCH, SIZE, CLASSES, LR = 3, 16, 32, 10, 1e-3
 
 
 def _config(update_freq=1, batch=BATCH):
@@ -25,7 +25,7 @@ def _config(update_freq=1, batch=BATCH):
     from configs import common
     c = common.get_config()
     c.model.num_classes, c.image_size, c.batch_size, c.update_freq = CLASSES, SIZE, batch, update_freq
-    c.lr, c.warmup_epochs, c.ema_decay, c.seed = 1e-3, 0, 0.9, 0
+    c.lr, c.warmup_epochs, c.ema_decay, c.seed = LR, 0, 0.9, 0
     return ml_collections.FrozenConfigDict(c)
 
 
@@ -194,23 +194,35 @@ def results(tmp_path_factory):
         'info': json.loads((out / 'info.json').read_text())}
 
 
-def _assert_close(a, b, rtol, atol):
+# Across device counts, parameters (and their EMA) get an absolute tolerance of 1% of one step's
+# learning rate. Adam divides each gradient by its own running magnitude, so an element whose first
+# gradient is near 0 (at Adam's eps, 1e-8) moves by a sizeable fraction of lr whatever its sign and
+# size: two reduction orders that agree to rounding then give updates a little apart. Seen on AVX-512:
+# patch_4's kernel at one element 9.0961e-3 (8 devices) vs 9.0891e-3 (1), a 7e-6 gap, with mu and nu
+# there equal to 2e-5 and 1.4e-6 relative. Everything else (moments, BatchNorm statistics, step)
+# keeps the tight tolerance.
+PARAM_ATOL = 1e-2 * LR
+
+
+def _assert_close(a, b, rtol, atol, param_atol=None):
     assert a.keys() == b.keys()
     for key in a:
-        np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=atol, err_msg=key)
+        is_param = key.startswith(('.params', ".ema['params']"))
+        tol = max(atol, param_atol) if is_param and param_atol else atol
+        np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=tol, err_msg=key)
 
 
 def test_eight_devices_equal_one(results):
     assert results['info']['sharded'], 'the fsdp axis sharded nothing: the test would not test it'
     assert int(results['eight']['.step']) == STEPS
-    _assert_close(results['eight'], results['one'], rtol=2e-4, atol=2e-6)
+    _assert_close(results['eight'], results['one'], rtol=2e-4, atol=2e-6, param_atol=PARAM_ATOL)
     # Training moved the parameters (so the comparison is not trivially between initial states).
     assert any(not np.allclose(v, results['eight'][k.replace('.params', ".ema['params']")])
                for k, v in results['eight'].items() if k.startswith('.params'))
 
 
 def test_two_processes_equal_one_process(results):
-    _assert_close(results['two_process'], results['eight'], rtol=2e-4, atol=2e-6)
+    _assert_close(results['two_process'], results['eight'], rtol=2e-4, atol=2e-6, param_atol=PARAM_ATOL)
 
 
 def test_restore_onto_other_meshes_is_exact(results):
