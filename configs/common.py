@@ -9,6 +9,8 @@ wofmanaf/ResT main.py / TRAINING.md (v2) and the ResT paper, arXiv 2105.13677, s
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from rest_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -19,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.embed_dims = placeholder(tuple)  # architecture overrides; None = the variant's own
     c.model.depths = placeholder(tuple)      # blocks per stage; None = the variant's own
     c.model.num_heads = placeholder(tuple)   # heads per stage; None = the variant's own
-    c.model.conv_impl = 'auto'          # depthwise conv form: 'auto' ('shift' on CPU, 'lax' elsewhere) | 'lax' | 'shift'
+    c.model.impl = 'auto'               # kernel forms (rest_jax.ops): 'auto' (for the mesh's devices) | 'xla' | 'cpu'
+    c.model.remat = 'none'              # recompute blocks in the backward pass: 'none' | 'block' | a jax.checkpoint_policies name
+    c.model.conv_impl = placeholder(str)  # former name of impl ('lax' = 'xla', 'shift' = 'cpu'); wins when set
 
     c.dataset = 'imagenet2012'          # 'imagenet2012' | 'image_folder' | 'digits' (built in, no download)
     c.data_dir = ''                     # TFDS data_dir (may be gs://), or the image_folder root; '' = TFDS default
@@ -56,8 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.mixup_prob = 1.0             # probability of mixing a batch at all
     c.data.mixup_switch_prob = 0.5      # probability of cutmix instead of mixup when both are on
     c.data.label_smoothing = 0.1        # smoothing of the one-hot targets
-    c.data.mean = (0.485, 0.456, 0.406)  # normalisation mean (images in [0, 1])
-    c.data.std = (0.229, 0.224, 0.225)  # normalisation std
+    c.data.mean = IMAGENET_MEAN         # normalisation mean (images in [0, 1])
+    c.data.std = IMAGENET_STD           # normalisation std
     c.data.shuffle_buffer = 16384       # tf.data shuffle buffer (clamped to the split size)
     c.data.num_workers = 0              # tf.data threads (0 = AUTOTUNE)
 

@@ -35,7 +35,7 @@ except ImportError:
 
 import rest_jax
 from rest_jax import host
-from rest_jax.models.layers import resolve_conv_impl
+from rest_jax import ops
 from rest_jax.models.macs import count_macs
 
 # Dense peak FLOP/s per device, by device_kind substring (first match wins): (bfloat16, float32).
@@ -123,7 +123,7 @@ def build(name: str, mode: str = 'infer', batch_size: int = 8, image_size: int =
       mode: 'infer' (eval-mode logits) or 'train' (forward, backward, AdamW update, BatchNorm statistics).
       batch_size, image_size: the synthetic batch (square images, NHWC).
       dtype: computation dtype, 'float32' or 'bfloat16' (parameters stay float32).
-      **overrides: passed to `create_model` (e.g. `conv_impl`, a reduced architecture).
+      **overrides: passed to `create_model` (e.g. `impl`, a reduced architecture).
 
     Returns:
       A dict with `call` (runs one step and waits for it), the model, `compile_seconds`, `num_params`,
@@ -135,7 +135,10 @@ def build(name: str, mode: str = 'infer', batch_size: int = 8, image_size: int =
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     if batch_size < 1 or image_size < 32:
         raise ValueError(f'need batch_size >= 1 and image_size >= 32, got {batch_size} and {image_size}')
-    model = rest_jax.create_model(name, dtype=jnp.dtype(dtype), **overrides)
+    # The kernel forms of the device the benchmark runs on ('auto' resolved here, for that device).
+    impl = overrides.pop('impl', 'auto')
+    impl = ops.resolve(overrides.pop('conv_impl', None) or impl, jax.devices()[:1])
+    model = rest_jax.create_model(name, dtype=jnp.dtype(dtype), impl=impl, **overrides)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
     images = jax.random.normal(jax.random.key(1), (batch_size, image_size, image_size, 3))
     classes = max(model.num_classes, 1)
@@ -246,7 +249,7 @@ def benchmark(name: str, mode: str = 'infer', batch_size: int = 8, image_size: i
         jax_version=jax.__version__, host_huge_pages=host.huge_pages_status(),
         page_faults_per_step=host_costs['rest_jax'][0] if host_costs else None,
         kernel_seconds_per_step=host_costs['rest_jax'][1] if host_costs else None,
-        conv_impl=resolve_conv_impl(built['model'].conv_impl))
+        impl=built['model'].impl)
     if official:
         result['official'] = {key: dict(images_per_sec=batch_size / statistics.median(t),
                                         step_ms=statistics.median(t) * 1e3,
@@ -271,7 +274,8 @@ def official_calls(path: str, name: str, mode: str, batch_size: int, image_size:
         raise SystemExit(f'--official: importing the official models failed ({e}); they need timm') from None
     torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count())
     info = rest_jax.model_info(name)
-    arch = {k: list(v) if isinstance(v, tuple) else v for k, v in {**info.arch, **overrides}.items() if k != 'conv_impl'}
+    arch = {k: list(v) if isinstance(v, tuple) else v for k, v in {**info.arch, **overrides}.items()
+            if k not in ('impl', 'conv_impl')}
     model = (rest.ResT if name.startswith('rest_') else rest_v2.ResTV2)(**arch)
     x = torch.randn(batch_size, 3, image_size, image_size)
     if mode == 'train':
@@ -315,7 +319,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
 def describe(r: dict[str, Any]) -> str:
     lines = [f"{r['model']} {r['mode']} ({r['dtype']}, batch {r['batch_size']} at {r['image_size']}, "
-             f"{r['backend']}: {r['device_kind']}, {r['cpu_count']} CPUs, conv_impl {r['conv_impl']})",
+             f"{r['backend']}: {r['device_kind']}, {r['cpu_count']} CPUs, kernel forms {r['impl']})",
              f"  images/s        {r['images_per_sec']:.1f}  (median {r['step_ms']:.1f} ms/step, "
              f"best {r['step_ms_min']:.1f}, {r['repeats']} runs)",
              f"  compile         {r['compile_seconds']:.1f} s",
@@ -354,8 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--mode', default='infer', choices=['infer', 'train'])
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
     parser.add_argument('--repeats', type=int, default=10, help='timed calls (median reported)')
-    parser.add_argument('--conv-impl', default='auto', choices=['auto', 'lax', 'shift'],
-                        help="depthwise conv form (auto: 'shift' on CPU, 'lax' elsewhere)")
+    parser.add_argument('--impl', '--conv-impl', dest='impl', default='auto', choices=['auto', 'xla', 'cpu', 'lax', 'shift'],
+                        help="kernel forms (rest_jax.ops; auto: 'cpu' on a CPU, 'xla' elsewhere; "
+                             "--conv-impl, lax and shift are the former names)")
     parser.add_argument('--arch', type=_json_object, default={}, metavar='JSON',
                         help='create_model overrides, e.g. \'{"embed_dims": [32, 64, 128, 256], "depths": [1, 1, 1, 1]}\'')
     parser.add_argument('--official', metavar='PATH', help='a clone of wofmanaf/ResT to time side by side (needs torch)')
@@ -367,14 +372,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size < 1 or args.image_size < 32:
         parser.error(f'need --batch-size >= 1 and --image-size >= 32, got {args.batch_size} and {args.image_size}')
 
-    if {'conv_impl', 'dtype'} & set(args.arch):
-        parser.error('--arch: set conv_impl and dtype with --conv-impl and --dtype')
+    if {'impl', 'conv_impl', 'dtype'} & set(args.arch):
+        parser.error('--arch: set impl and dtype with --impl and --dtype')
     names = rest_jax.list_models() if args.all else [args.model]
     results = []
     for name in names:
         try:
             r = benchmark(name, args.mode, args.batch_size, args.image_size, args.dtype, args.repeats,
-                          official=args.official, official_compile=args.official_compile, conv_impl=args.conv_impl,
+                          official=args.official, official_compile=args.official_compile, impl=args.impl,
                           **args.arch)
         except ValueError as e:   # a bad override or size: create_model's message says what is valid
             parser.error(str(e))

@@ -6,61 +6,21 @@ PIL), never tensorflow or torch.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib.resources
-import weakref
-from typing import Any, Mapping, NamedTuple, Sequence
+import json
+import sys
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rest_jax.models import registry
+from rest_jax.pretrained import preprocessing_of
 
 _PIL_FILTERS = {'bicubic': 'BICUBIC', 'bilinear': 'BILINEAR', 'nearest': 'NEAREST', 'lanczos': 'LANCZOS'}
 _WARP_FROM = 384  # the official eval warps straight to a square at this size and above (no crop)
-
-# Preprocessing metadata of models returned by load_pretrained, keyed by object identity (equal
-# models of different checkpoints, e.g. a 224 and a 384 fine-tune, must not share it).
-_RECORDED: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
-
-
-def remember_preprocessing(model: Any, preprocessing: Mapping[str, Any]) -> None:
-    """Attach a checkpoint's preprocessing metadata to `model`, for `preprocess(images, model)`."""
-    key = id(model)
-    _RECORDED[key] = (weakref.ref(model, lambda _: _RECORDED.pop(key, None)), dict(preprocessing))
-
-
-def preprocessing_of(model: Any) -> dict[str, Any]:
-    """The eval preprocessing for `model`.
-
-    Args:
-      model: a model from `load_pretrained` (its checkpoint's metadata), any ResT/ResTV2 module (its
-        family's registered defaults), a variant name, a `ModelInfo`, or a preprocessing dict
-        (`rest_jax.json`'s 'preprocessing').
-
-    Returns:
-      dict with input_size, crop_pct, interpolation, mean, std, num_classes.
-    """
-    if isinstance(model, Mapping):
-        missing = {'input_size', 'crop_pct', 'mean', 'std'} - set(model)
-        if missing:
-            raise ValueError(f'preprocessing dict lacks {sorted(missing)}; pass a model, a variant name or '
-                             "rest_jax.json's 'preprocessing'")
-        return {'interpolation': 'bicubic', 'num_classes': None, **model}
-    if isinstance(model, str):
-        return registry.model_info(model).preprocessing()
-    if isinstance(model, registry.ModelInfo):
-        return model.preprocessing()
-    recorded = _RECORDED.get(id(model))
-    if recorded is not None and recorded[0]() is model:
-        return dict(recorded[1])
-    for name in registry.list_models():
-        info = registry.model_info(name)
-        if type(model) is info.cls:
-            return {**info.preprocessing(), 'num_classes': getattr(model, 'num_classes', info.num_classes)}
-    raise ValueError(f'cannot tell the preprocessing of {type(model).__name__}; pass a variant name, a '
-                     'ModelInfo or a preprocessing dict instead')
 
 
 def _to_pil(image: Any, index: int):
@@ -209,3 +169,56 @@ def predict(model: Any, variables: Any, x: Any, top_k: int = 5,
     classes = np.argsort(-probs, axis=-1, kind='stable')[:, :top_k].astype(np.int32)
     names = [[class_names[c] if class_names is not None else str(c) for c in row] for row in classes.tolist()]
     return Prediction(classes, np.take_along_axis(probs, classes, axis=-1), names)
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def _open(path: str):
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert('RGB')
+    except FileNotFoundError:
+        raise ValueError(f'{path}: no such file') from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f'{path}: not a readable image ({" ".join(str(e).split())})') from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m rest_jax predict --checkpoint DIR img.jpg ...`: the top-k classes of each image."""
+    parser = argparse.ArgumentParser(
+        prog='python -m rest_jax predict',
+        description='Classify images with a converted or trained rest_jax checkpoint, using the '
+                    "official evaluation transform from the checkpoint's metadata.")
+    parser.add_argument('images', nargs='+', help='image files (anything Pillow reads)')
+    parser.add_argument('--checkpoint', required=True,
+                        help='a directory from python -m rest_jax.convert or a training workdir')
+    parser.add_argument('--ema', action='store_true', help="a training workdir's EMA weights")
+    parser.add_argument('--top-k', type=int, default=5, help='classes per image (default 5)')
+    parser.add_argument('--batch-size', type=int, default=16, help='images per forward pass (default 16)')
+    parser.add_argument('--json', action='store_true', help='one JSON object per image instead of text')
+    args = parser.parse_args(argv)
+    try:
+        if args.top_k < 1 or args.batch_size < 1:
+            raise ValueError('--top-k and --batch-size must be positive')
+        from rest_jax.pretrained import load_pretrained
+        images = [_open(path) for path in args.images]  # all readable before the (slow) model load
+        model, variables = load_pretrained(args.checkpoint, ema=args.ema)
+        for start in range(0, len(images), args.batch_size):
+            chunk = images[start:start + args.batch_size]
+            x = preprocess(chunk, model)
+            top = predict(model, variables, x, top_k=args.top_k)
+            for j, path in enumerate(args.images[start:start + args.batch_size]):
+                rows = list(zip(top.classes[j].tolist(), top.probs[j].tolist(), top.names[j]))
+                if args.json:
+                    print(json.dumps({'image': path, 'top': [{'class': c, 'prob': round(p, 6), 'name': n}
+                                                             for c, p, n in rows]}))
+                else:
+                    print(path)
+                    for rank, (c, p, n) in enumerate(rows, 1):
+                        print(f'  {rank}. {p:7.2%}  {n} ({c})')
+    except (ValueError, OSError) as e:
+        print(f'error: {" ".join(str(e).split()) or type(e).__name__}', file=sys.stderr)
+        return 1
+    return 0

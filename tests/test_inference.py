@@ -169,16 +169,18 @@ def test_predict_uses_imagenet_names_for_1000_classes():
     assert top.names[0][0] == rest_jax.imagenet_class_names()[top.classes[0, 0]]
 
 
-def test_importing_the_cli_module_keeps_predict_callable(converted):
-    import rest_jax.predict  # binds the submodule to rest_jax.predict
+def test_cli_modules_leave_predict_callable(converted):
+    """The command line lives in rest_jax.inference and rest_jax.__main__: importing them leaves
+    `rest_jax.predict` the function."""
+    import rest_jax.__main__, rest_jax.inference  # noqa: F401,E401
     golden = np.load(golden_path('v2_reduced.npz'))
     model, variables = rest_jax.load_pretrained(converted)
     top = rest_jax.predict(model, variables, golden['input_224'], top_k=1)
     assert top.classes.shape == (2, 1)
 
 
-def run_predict(*args):
-    return subprocess.run([sys.executable, '-m', 'rest_jax.predict', *map(str, args)], cwd=REPO,
+def run_predict(*args, module=('rest_jax', 'predict')):
+    return subprocess.run([sys.executable, '-m', *module, *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -197,7 +199,7 @@ def test_predict_cli(converted, tmp_path):
     for row, classes, probs in zip(rows, top.classes, top.probs):
         assert [t['class'] for t in row['top']] == classes.tolist()
         np.testing.assert_allclose([t['prob'] for t in row['top']], probs, atol=2e-6)
-    text = run_predict('--checkpoint', converted, *paths).stdout.splitlines()
+    text = run_predict('--checkpoint', converted, *paths, module=('rest_jax.predict',)).stdout.splitlines()  # the former path
     assert text[0] == str(paths[0]) and text[6] == str(paths[1]) and len(text) == 12  # each path, then its top 5
     assert text[1].split()[-1] == f'({top.classes[0, 0]})'
 

@@ -233,14 +233,15 @@ def test_batchnorm_running_statistics_follow_pytorch():
 def test_depthwise_shift_equals_grouped_conv(stride, pad, kernel, mult):
     x = jax.random.normal(jax.random.key(0), (2, 19, 23, 6))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 6 * mult))
-    dw = rest_jax.models.layers.depthwise_conv
-    np.testing.assert_allclose(dw(x, w, stride, pad, 'shift'), dw(x, w, stride, pad, 'lax'), rtol=1e-5, atol=1e-5)
+    from rest_jax.ops import cpu, portable
+    np.testing.assert_allclose(cpu.depthwise_conv(x, w, stride, pad), portable.depthwise_conv(x, w, stride, pad),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_pixel_shuffle_matches_pytorch_channel_order():
     r, c = 2, 3
     x = np.arange(1 * 2 * 2 * c * r * r, dtype=np.float32).reshape(1, 2, 2, c * r * r)
-    y = np.asarray(rest_jax.models.layers.pixel_shuffle(jnp.asarray(x), r))
+    y = np.asarray(rest_jax.ops.pixel_shuffle(jnp.asarray(x), r))
     for ch in range(c):  # PyTorch: out[c, h*r+i, w*r+j] = in[c*r*r + i*r + j, h, w]
         for i in range(r):
             for j in range(r):
@@ -315,3 +316,26 @@ def test_state_dict_prefixes_and_wrong_num_classes(v1_reduced):
     assert jax.tree.all(jax.tree.map(lambda p, q: bool(jnp.array_equal(p, q)), a, b))
     with pytest.raises(ValueError, match=r'head\.weight: checkpoint \(10, 128\) vs model \(3, 128\).*num_classes'):
         rest_jax.variables_from_state_dict(model.clone(num_classes=3), sd)
+
+
+@pytest.mark.parametrize('remat', ['block', 'dots_with_no_batch_dims_saveable'])
+def test_remat_changes_memory_not_results(remat):
+    """Rematerialised blocks: the same parameter tree, bit-identical gradients and BatchNorm updates."""
+    model = rest_jax.create_model('rest_lite', embed_dims=(8, 16, 32, 64), depths=(1, 2, 1, 1), num_classes=5)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+
+    def loss(params, m):
+        out, updates = m.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
+                               rngs={'dropout': jax.random.key(2)})
+        return jnp.sum(jnp.tanh(out) * jnp.arange(5.0)), updates
+
+    remat_model = model.clone(remat=remat)
+    assert jax.tree.structure(jax.eval_shape(remat_model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))) == \
+        jax.tree.structure(variables)
+    plain, rematerialised = [jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(variables['params'], m)
+                             for m in (model, remat_model)]
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="remat must be one of none, block"):
+        rest_jax.create_model('rest_lite', remat='sometimes')

@@ -10,7 +10,7 @@ from rest_jax.convert.checkpoint import convert_checkpoint, parse_arch
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog='python -m rest_jax.convert',
+        prog='python -m rest_jax convert',
         description='Convert an official ResT/ResTv2 .pth checkpoint (read without torch) into an Orbax '
                     'checkpoint plus rest_jax.json, for rest_jax.load_pretrained.')
     parser.add_argument('src', help='the .pth file')

@@ -1,34 +1,22 @@
-"""Official `.pth` checkpoint -> converted directory (Orbax variables + JSON metadata), and back.
-
-A converted directory holds:
-
-  variables/       an Orbax checkpoint of {'params', 'batch_stats'} (float32)
-  rest_jax.json    {"format": "rest_jax.converted/1", "model", "config" (create_model overrides),
-                    "preprocessing", "source": {"path", "sha256", "entry"}, "num_params"}
-"""
+"""Official `.pth` checkpoint -> a converted directory (rest_jax.pretrained's format): which state_dict,
+which architecture, then the strict mapping of rest_jax.convert.state_dict."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rest_jax.convert.pth import load_pth
-from rest_jax.convert.state_dict import abstract_variables, strip_prefixes, variables_from_state_dict
+from rest_jax import pretrained
+from rest_jax.convert.state_dict import strip_prefixes, variables_from_state_dict
 from rest_jax.models.registry import create_model, list_models, model_info
 
-FORMAT = 'rest_jax.converted/1'
-WORKDIR_FORMAT = 'rest_jax.workdir/1'  # rest_jax.train.checkpoint writes it
-METADATA = 'rest_jax.json'
 _BASE = {'v1': 'rest_lite', 'v2': 'restv2_tiny'}
 _STAGES = range(1, 5)
 
@@ -260,83 +248,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model: st
     variables = {'params': variables.get('params', {}), 'batch_stats': variables.get('batch_stats', {})}
     preprocessing = model_info(name).preprocessing()
     preprocessing['num_classes'] = overrides.get('num_classes', preprocessing['num_classes'])
-    meta = {'format': FORMAT, 'model': name, 'config': {k: _jsonable(v) for k, v in overrides.items()},
+    meta = {'format': pretrained.FORMAT, 'model': name, 'config': {k: _jsonable(v) for k, v in overrides.items()},
             'preprocessing': preprocessing,
             'source': {'path': os.path.basename(src), 'sha256': _sha256(src), 'entry': entry},
             'num_params': int(sum(np.size(x) for x in jax.tree_util.tree_leaves(variables['params'])))}
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(dst)}.tmp-')
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 is for the build, not for the result
-        _write(tmp, variables, meta)
-        if os.path.lexists(dst):  # force: move the old one aside, so dst is never half-written
-            old = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(dst)}.old-')
-            os.replace(dst, os.path.join(old, 'old'))
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    pretrained.write_converted(dst, variables, meta, force=force)
     return meta
-
-
-def _write(directory: str, variables: dict, meta: dict) -> None:
-    import orbax.checkpoint as ocp  # imported late: only the converter and loader need it
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        checkpointer.save(os.path.join(directory, 'variables'), variables)
-        checkpointer.wait_until_finished()
-    finally:
-        checkpointer.close()
-    with open(os.path.join(directory, METADATA), 'w') as file:
-        json.dump(meta, file, indent=2)
-        file.write('\n')
-
-
-def load_pretrained(path: str | os.PathLike, ema: bool = False):
-    """Load a converted checkpoint (`convert_checkpoint`, `python -m rest_jax.convert`) or a training workdir.
-
-    Args:
-      path: a converted directory, or a `train.py` workdir (its newest complete checkpoint is read).
-      ema: workdirs only: the EMA parameters and statistics instead of the plain ones. A converted
-        directory holds one set of weights, so True raises there (convert with --ema instead).
-
-    Returns:
-      (model, variables): the configured model and {'params', 'batch_stats'} as float32 jax arrays
-      on the default device, ready for `model.apply(variables, images)`.
-
-    Raises:
-      ValueError: `path` is neither, a workdir without a checkpoint, or ema=True on a converted directory.
-    """
-    import orbax.checkpoint as ocp
-    path = os.path.abspath(os.fspath(path))
-    meta_path = os.path.join(path, METADATA)
-    if not os.path.isfile(meta_path):
-        raise ValueError(f'{path} is not a rest_jax checkpoint (no {METADATA})')
-    with open(meta_path) as file:
-        meta = json.load(file)
-    from rest_jax.inference import remember_preprocessing  # so that preprocess(images, model) follows it
-    if meta.get('format') == WORKDIR_FORMAT:
-        from rest_jax.train.checkpoint import load_workdir  # the training side owns the workdir layout
-        model, variables = load_workdir(path, ema=ema)
-        remember_preprocessing(model, meta['preprocessing'])
-        return model, variables
-    if meta.get('format') != FORMAT:
-        raise ValueError(f'{path}: unknown format {meta.get("format")!r} (expected {FORMAT!r} or {WORKDIR_FORMAT!r})')
-    if ema:
-        raise ValueError(f'{path} holds one set of weights; convert with --ema instead')
-    model = create_model(meta['model'], **meta['config'])
-    target = abstract_variables(model)
-    target = {'params': target.get('params', {}), 'batch_stats': target.get('batch_stats', {})}
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        restored = checkpointer.restore(os.path.join(path, 'variables'), target)
-    finally:
-        checkpointer.close()
-    remember_preprocessing(model, meta['preprocessing'])
-    return model, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), restored)

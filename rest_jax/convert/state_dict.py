@@ -20,6 +20,8 @@ import numpy as np
 from flax import traverse_util
 import flax.linen as nn
 
+from rest_jax.pretrained import abstract_variables
+
 _PREFIXES = ('module.',)
 _IGNORED_SUFFIXES = ('num_batches_tracked',)
 _MAX_LISTED = 8
@@ -63,12 +65,6 @@ def _target(module: tuple[str, ...], leaf: str, flat: Mapping[tuple[str, ...], A
             if path in flat:
                 return path
     return None
-
-
-def abstract_variables(model: nn.Module) -> dict:
-    """Shapes and dtypes of `model`'s variables (jax.ShapeDtypeStruct leaves), computed without FLOPs."""
-    # Parameter shapes do not depend on the input size; eval_shape costs a trace, no FLOPs.
-    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
 
 
 def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-
-def _out(size: int, kernel: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - kernel) // stride + 1
+from rest_jax.ops import conv_output_size as _out
 
 
 def _conv(h: int, w: int, cin: int, cout: int, kernel: int, stride: int, pad: int, groups: int = 1):

@@ -7,6 +7,9 @@ from typing import Any
 
 import flax.linen as nn
 
+from rest_jax import ops
+from rest_jax.models.backbone import remat_policy
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -66,7 +69,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     Args:
       name: one of `list_models()`.
       **kwargs: overrides of the variant's arguments, e.g. `num_classes`, `drop_path_rate`,
-        `dtype` (computation dtype; parameters stay float32), `conv_impl`, or the architecture
+        `dtype` (computation dtype; parameters stay float32), `impl` (kernel forms: 'auto' |
+        'xla' | 'cpu', see rest_jax.ops; `conv_impl` is its former name), `remat` ('none', 'block'
+        or a jax.checkpoint_policies name: recompute blocks in the backward pass), or the architecture
         itself (`embed_dims`, `depths`, `num_heads`, `sr_ratios`, ...).
 
     Returns:
@@ -81,6 +86,11 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     if unknown:
         raise ValueError(f'unknown argument(s) {", ".join(unknown)} for {name}; valid: {", ".join(valid)}')
     args = {**info.arch, **kwargs}
+    if 'remat' in args:
+        remat_policy(args['remat'])   # a bad name fails here, not at the first call
+    for key in ('impl', 'conv_impl'):   # a bad name fails here, not at the first call
+        if args.get(key) is not None:
+            args[key] = ops.canonical(args[key])
     for key in ('embed_dims', 'num_heads', 'depths', 'sr_ratios', 'mlp_ratios'):
         if key in args:
             args[key] = tuple(args[key])

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from rest_jax.models import layers
+from rest_jax.models.backbone import Backbone
 from rest_jax.models.registry import ModelInfo, register_model
 
 LN_EPS = 1e-5  # v1 uses nn.LayerNorm's default eps
@@ -28,7 +29,6 @@ class Attention(nn.Module):
     sr_ratio: int = 1             # spatial reduction of keys/values (stride of the `sr` conv)
     apply_transform: bool = False  # 1x1 conv across heads + InstanceNorm (only when heads > 1)
     dtype: layers.Dtype = jnp.float32
-    conv_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -38,8 +38,8 @@ class Attention(nn.Module):
         q = layers.dense(c, use_bias=self.qkv_bias, dtype=self.dtype, name='q')(x).reshape(b, h * w, heads, hd)
         if self.sr_ratio > 1:
             r = self.sr_ratio
-            x = layers.DepthwiseConv(c, r + 1, r, r // 2, dtype=self.dtype, impl=self.conv_impl, name='sr')(x)
-            x = layers.layer_norm(LN_EPS, self.dtype, 'sr_norm', self.conv_impl)(x)
+            x = layers.DepthwiseConv(c, r + 1, r, r // 2, dtype=self.dtype, name='sr')(x)
+            x = layers.LayerNorm(LN_EPS, self.dtype, name='sr_norm')(x)
         kv = layers.dense(2 * c, use_bias=self.qkv_bias, dtype=self.dtype, name='kv')(x)
         kv = kv.reshape(b, -1, 2, heads, hd)
         k, v = kv[:, :, 0], kv[:, :, 1]
@@ -82,17 +82,16 @@ class Block(nn.Module):
     apply_transform: bool = False
     drop_path: float = 0.0
     dtype: layers.Dtype = jnp.float32
-    conv_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = x.shape[-1]
         drop = layers.DropPath(self.drop_path)
-        y = layers.layer_norm(LN_EPS, self.dtype, 'norm1', self.conv_impl)(x)
+        y = layers.LayerNorm(LN_EPS, self.dtype, name='norm1')(x)
         y = Attention(self.num_heads, self.qkv_bias, self.qk_scale, self.sr_ratio, self.apply_transform,
-                      dtype=self.dtype, conv_impl=self.conv_impl, name='attn')(y)
+                      dtype=self.dtype, name='attn')(y)
         x = x + drop(y, deterministic=not train)
-        y = layers.layer_norm(LN_EPS, self.dtype, 'norm2', self.conv_impl)(x)
+        y = layers.LayerNorm(LN_EPS, self.dtype, name='norm2')(x)
         y = layers.Mlp(int(c * self.mlp_ratio), dtype=self.dtype, name='mlp')(y)
         return x + drop(y, deterministic=not train)
 
@@ -101,18 +100,17 @@ class BasicStem(nn.Module):
     """conv3x3/2-BN-ReLU, conv3x3-BN-ReLU, conv3x3/2 (no biases), then PA: stride 4."""
     out_ch: int
     dtype: layers.Dtype = jnp.float32
-    conv_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         hidden = self.out_ch // 2
-        kw = dict(dtype=self.dtype, impl=self.conv_impl)
+        kw = dict(dtype=self.dtype)
         x = layers.Conv(hidden, 3, 2, 1, use_bias=False, **kw, name='conv1')(x)
         x = nn.relu(layers.BatchNorm(dtype=self.dtype, name='norm1')(x, train))
         x = layers.Conv(hidden, 3, 1, 1, use_bias=False, **kw, name='conv2')(x)
         x = nn.relu(layers.BatchNorm(dtype=self.dtype, name='norm2')(x, train))
         x = layers.Conv(self.out_ch, 3, 2, 1, use_bias=False, **kw, name='conv3')(x)
-        return layers.PA(self.dtype, self.conv_impl, name='pos')(x)
+        return layers.PA(self.dtype, name='pos')(x)
 
 
 class PatchEmbed(nn.Module):
@@ -120,18 +118,17 @@ class PatchEmbed(nn.Module):
     out_ch: int
     patch_size: int = 2
     dtype: layers.Dtype = jnp.float32
-    conv_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         p = self.patch_size
-        kw = dict(dtype=self.dtype, impl=self.conv_impl)
+        kw = dict(dtype=self.dtype)
         x = layers.Conv(self.out_ch, p + 1, p, p // 2, use_bias=True, **kw, name='conv')(x)
         x = layers.BatchNorm(dtype=self.dtype, name='norm')(x, train)
-        return layers.PA(self.dtype, self.conv_impl, name='pos')(x)
+        return layers.PA(self.dtype, name='pos')(x)
 
 
-class ResT(layers.Backbone):
+class ResT(Backbone):
     """ResT v1. `__call__` gives logits; `forward_features` the four stage outputs (NHWC)."""
     num_classes: int = 1000
     embed_dims: Sequence[int] = (64, 128, 256, 512)
@@ -144,10 +141,12 @@ class ResT(layers.Backbone):
     sr_ratios: Sequence[int] = (8, 4, 2, 1)
     apply_transform: bool = False
     dtype: layers.Dtype = jnp.float32   # computation dtype; parameters are float32
-    conv_impl: str = 'auto'             # depthwise conv form: 'auto' | 'lax' | 'shift'
+    impl: str = 'auto'                  # kernel forms: 'auto' | 'xla' | 'cpu' (rest_jax.ops)
+    conv_impl: str | None = None        # former name of `impl` ('lax' = 'xla', 'shift' = 'cpu')
+    remat: str = 'none'                 # recompute blocks in the backward pass: 'none' | 'block' | a jax.checkpoint_policies name
 
     def setup(self):
-        dims, kw = self.embed_dims, dict(dtype=self.dtype, conv_impl=self.conv_impl)
+        dims, kw = self.embed_dims, dict(dtype=self.dtype)
         self.stem = BasicStem(dims[0], **kw)
         self.patch_embed_2 = PatchEmbed(dims[1], **kw)
         self.patch_embed_3 = PatchEmbed(dims[2], **kw)
@@ -156,11 +155,11 @@ class ResT(layers.Backbone):
         stages = []
         for i in range(4):
             stages.append([
-                Block(self.num_heads[i], self.mlp_ratios[i], self.qkv_bias, self.qk_scale, self.sr_ratios[i],
+                self.rematerialized(Block)(self.num_heads[i], self.mlp_ratios[i], self.qkv_bias, self.qk_scale, self.sr_ratios[i],
                       self.apply_transform, next(dpr), **kw)
                 for _ in range(self.depths[i])])
         self.stage1, self.stage2, self.stage3, self.stage4 = stages
-        self.norm = layers.layer_norm(LN_EPS, self.dtype, impl=self.conv_impl)
+        self.norm = layers.LayerNorm(LN_EPS, self.dtype)
         if self.num_classes > 0:
             self.head = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=layers.weight_init)
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from rest_jax.models import layers
+from rest_jax.models.backbone import Backbone
 from rest_jax.models.registry import ModelInfo, register_model
 
 LN_EPS = 1e-6  # v2 sets eps=1e-6 on every LayerNorm
@@ -29,7 +30,6 @@ class Attention(nn.Module):
     num_heads: int
     sr_ratio: int = 1
     dtype: layers.Dtype = jnp.float32
-    conv_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -37,8 +37,8 @@ class Attention(nn.Module):
         heads, hd, r = self.num_heads, c // self.num_heads, self.sr_ratio
         q = layers.dense(c, dtype=self.dtype, name='q')(x).reshape(b, h * w, heads, hd)
         if r > 1:
-            x = layers.DepthwiseConv(c, r + 1, r, r // 2, dtype=self.dtype, impl=self.conv_impl, name='sr')(x)
-            x = layers.layer_norm(LN_EPS, self.dtype, 'sr_norm', self.conv_impl)(x)
+            x = layers.DepthwiseConv(c, r + 1, r, r // 2, dtype=self.dtype, name='sr')(x)
+            x = layers.LayerNorm(LN_EPS, self.dtype, name='sr_norm')(x)
         hr, wr = x.shape[1:3]
         kv = layers.dense(2 * c, dtype=self.dtype, name='kv')(x).reshape(b, hr * wr, 2, heads, hd)
         k, v = kv[:, :, 0], kv[:, :, 1]
@@ -50,8 +50,8 @@ class Attention(nn.Module):
         # The official code reshapes v (B, heads, M, hd) to (B, C, H/sr, W/sr): channel = head * hd + d,
         # which is exactly the (heads, hd) order of our last axis.
         identity = v.reshape(b, hr, wr, c)
-        identity = layers.DepthwiseUpsample(r, dtype=self.dtype, impl=self.conv_impl, name='up_0')(identity)[:, :h, :w]
-        identity = layers.layer_norm(LN_EPS, self.dtype, 'up_norm', self.conv_impl)(identity)
+        identity = layers.DepthwiseUpsample(r, dtype=self.dtype, name='up_0')(identity)[:, :h, :w]
+        identity = layers.LayerNorm(LN_EPS, self.dtype, name='up_norm')(identity)
         return layers.dense(c, dtype=self.dtype, name='proj')(out + identity)
 
 
@@ -61,15 +61,14 @@ class Block(nn.Module):
     sr_ratio: int = 1
     drop_path: float = 0.0
     dtype: layers.Dtype = jnp.float32
-    conv_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         drop = layers.DropPath(self.drop_path)
-        y = layers.layer_norm(LN_EPS, self.dtype, 'norm1', self.conv_impl)(x)
-        y = Attention(self.num_heads, self.sr_ratio, self.dtype, self.conv_impl, name='attn')(y)
+        y = layers.LayerNorm(LN_EPS, self.dtype, name='norm1')(x)
+        y = Attention(self.num_heads, self.sr_ratio, self.dtype, name='attn')(y)
         x = x + drop(y, deterministic=not train)
-        y = layers.layer_norm(LN_EPS, self.dtype, 'norm2', self.conv_impl)(x)
+        y = layers.LayerNorm(LN_EPS, self.dtype, name='norm2')(x)
         y = layers.Mlp(4 * x.shape[-1], dtype=self.dtype, name='mlp')(y)
         return x + drop(y, deterministic=not train)
 
@@ -81,37 +80,35 @@ class ConvStem(nn.Module):
     """
     out_ch: int
     dtype: layers.Dtype = jnp.float32
-    conv_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         half = self.out_ch // 2
-        kw = dict(dtype=self.dtype, impl=self.conv_impl)
+        kw = dict(dtype=self.dtype)
         x = layers.Conv(half, 3, 2, 1, use_bias=False, **kw, name='proj_0')(x)
         x = nn.relu(layers.BatchNorm(dtype=self.dtype, name='proj_1')(x, train))
         x = layers.Conv(self.out_ch, 3, 2, 1, use_bias=False, **kw, name='proj_3')(x)
         x = nn.relu(layers.BatchNorm(dtype=self.dtype, name='proj_4')(x, train))
         x = layers.Conv(self.out_ch, 1, 1, 0, use_bias=True, **kw, name='proj_6')(x)
-        x = layers.PA(self.dtype, self.conv_impl, name='pos')(x)
-        return layers.layer_norm(LN_EPS, self.dtype, 'norm', self.conv_impl)(x)
+        x = layers.PA(self.dtype, name='pos')(x)
+        return layers.LayerNorm(LN_EPS, self.dtype, name='norm')(x)
 
 
 class PatchEmbed(nn.Module):
     """Overlapping patch embedding: conv3x3/2 (pad 1) -> PA -> LayerNorm."""
     out_ch: int
     dtype: layers.Dtype = jnp.float32
-    conv_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no BatchNorm here; same signature as ConvStem
-        kw = dict(dtype=self.dtype, impl=self.conv_impl)
+        kw = dict(dtype=self.dtype)
         x = layers.Conv(self.out_ch, 3, 2, 1, use_bias=True, **kw, name='proj')(x)
-        x = layers.PA(self.dtype, self.conv_impl, name='pos')(x)
-        return layers.layer_norm(LN_EPS, self.dtype, 'norm', self.conv_impl)(x)
+        x = layers.PA(self.dtype, name='pos')(x)
+        return layers.LayerNorm(LN_EPS, self.dtype, name='norm')(x)
 
 
-class ResTV2(layers.Backbone):
+class ResTV2(Backbone):
     """ResTv2. `__call__` gives logits; `forward_features` the four stage outputs (NHWC)."""
     num_classes: int = 1000
     embed_dims: Sequence[int] = (96, 192, 384, 768)
@@ -120,19 +117,21 @@ class ResTV2(layers.Backbone):
     depths: Sequence[int] = (2, 2, 2, 2)
     sr_ratios: Sequence[int] = (8, 4, 2, 1)
     dtype: layers.Dtype = jnp.float32   # computation dtype; parameters are float32
-    conv_impl: str = 'auto'             # depthwise conv form: 'auto' | 'lax' | 'shift'
+    impl: str = 'auto'                  # kernel forms: 'auto' | 'xla' | 'cpu' (rest_jax.ops)
+    conv_impl: str | None = None        # former name of `impl` ('lax' = 'xla', 'shift' = 'cpu')
+    remat: str = 'none'                 # recompute blocks in the backward pass: 'none' | 'block' | a jax.checkpoint_policies name
 
     def setup(self):
-        dims, kw = self.embed_dims, dict(dtype=self.dtype, conv_impl=self.conv_impl)
+        dims, kw = self.embed_dims, dict(dtype=self.dtype)
         self.stem = ConvStem(dims[0], **kw)
         self.patch_2 = PatchEmbed(dims[1], **kw)
         self.patch_3 = PatchEmbed(dims[2], **kw)
         self.patch_4 = PatchEmbed(dims[3], **kw)
         dpr = iter(layers.stochastic_depth_rates(self.drop_path_rate, self.depths))
-        stages = [[Block(self.num_heads[i], self.sr_ratios[i], next(dpr), **kw) for _ in range(self.depths[i])]
+        stages = [[self.rematerialized(Block)(self.num_heads[i], self.sr_ratios[i], next(dpr), **kw) for _ in range(self.depths[i])]
                   for i in range(4)]
         self.stage1, self.stage2, self.stage3, self.stage4 = stages
-        self.norm = layers.layer_norm(LN_EPS, self.dtype, impl=self.conv_impl)
+        self.norm = layers.LayerNorm(LN_EPS, self.dtype)
         if self.num_classes > 0:
             self.head = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=layers.weight_init)
 

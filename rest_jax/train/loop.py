@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -11,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rest_jax import ops, pretrained
 from rest_jax.models.registry import create_model, model_info
 from rest_jax.train import checkpoint as ckpt
 from rest_jax.train import metrics as mlog
@@ -28,16 +28,14 @@ def model_spec(config, workdir: str) -> tuple[str, dict[str, Any], str | None]:
     architecture may be a reduced or custom one), keeping only config.model.num_classes; otherwise from
     config.model (name plus any embed_dims / depths / num_heads given).
     """
-    meta = ckpt.read_metadata(workdir)
+    meta = pretrained.read_metadata(workdir, pretrained.WORKDIR_FORMAT)
     if meta is not None:
         return meta['model'], dict(meta['config']), None
     if config.init_from:
-        path = os.path.join(os.path.abspath(config.init_from), ckpt.METADATA)
-        if not os.path.isfile(path):
+        source = pretrained.read_metadata(os.path.abspath(config.init_from))
+        if source is None:
             raise ValueError(f'config.init_from={config.init_from!r} is neither a converted checkpoint nor a training '
-                             f'workdir (no {ckpt.METADATA}); convert official weights with python -m rest_jax.convert')
-        with open(path) as file:
-            source = json.load(file)
+                             f'workdir (no {pretrained.METADATA}); convert official weights with python -m rest_jax.convert')
         if source['model'] != config.model.name:
             raise ValueError(f'config.init_from holds a {source["model"]} but config.model.name is '
                              f'{config.model.name!r}; set --config.model.name={source["model"]}')
@@ -54,9 +52,8 @@ def model_spec(config, workdir: str) -> tuple[str, dict[str, Any], str | None]:
 
 def _initial_variables(config, model, image_size: int) -> dict[str, Any]:
     """Random variables, with init_from's weights merged in; a head of another size stays random."""
-    import rest_jax
     fresh = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, image_size, image_size, 3)))
-    _, loaded = rest_jax.load_pretrained(config.init_from, ema=config.init_from_ema)
+    _, loaded = pretrained.load_pretrained(config.init_from, ema=config.init_from_ema)
     flat_fresh = dict(jax.tree_util.tree_flatten_with_path(fresh)[0])
     flat_loaded = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
     merged, reinit = [], []
@@ -133,11 +130,13 @@ def run(config, workdir: str) -> dict[str, float]:
     every_eval, every_ckpt = _schedule_points(config, steps_per_epoch)
 
     name, overrides, note = model_spec(config, workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    # The kernel forms for the devices this program runs on (never the host's default backend).
+    impl = ops.resolve(config.model.conv_impl or config.model.impl, mesh.devices)
     model = create_model(name, **overrides, drop_path_rate=config.model.drop_path_rate,
-                         dtype=jnp.dtype(config.dtype), conv_impl=config.model.conv_impl)
+                         dtype=jnp.dtype(config.dtype), impl=impl, remat=config.model.remat)
     eval_model = model
     tx, lr_fn = optimizer.make_optimizer(config, steps_per_epoch, total_steps)
-    mesh = sharding.make_mesh(config.mesh)
     if config.batch_size % mesh.size:
         raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of the {mesh.size} devices')
     batch_sharding = sharding.batch_sharding(mesh)
@@ -163,7 +162,7 @@ def run(config, workdir: str) -> dict[str, float]:
         init_vars = _initial_variables(config, model, config.image_size) if config.init_from else None
         state, shardings = state_lib.create_state(model, tx, config.image_size, config.seed, mesh, init_vars)
         start = 0
-        ckpt.write_metadata(workdir, name, overrides, preprocessing, config.to_json_best_effort(indent=2) + '\n')
+        pretrained.write_workdir_metadata(workdir, name, overrides, preprocessing, config.to_json_best_effort(indent=2) + '\n')
     mlog.log(f'{name} {overrides or ""}\n' + mlog.parameter_table(state_lib.count_by_stage(state.params)))
 
     train_step = jax.jit(step_lib.make_train_step(model, tx, lr_fn, update_freq=config.update_freq,

@@ -1,0 +1,68 @@
+"""The array ops of the ResT models, each run in the kernel form chosen for the target platform.
+
+One function per op; each dispatches to its form in `portable` (the reference, run on TPU and GPU) or
+`cpu` (the same arithmetic in the shapes XLA:CPU runs fastest), as `dispatch` resolves it:
+
+    with rest_jax.ops.kernel_forms('auto'):   # the models do this with their `impl` field
+        y = rest_jax.ops.depthwise_conv(x, kernel, stride=8, pad=4)
+
+No Flax modules here: rest_jax.models holds the parameters and calls these.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from rest_jax.ops import cpu, portable
+from rest_jax.ops.dispatch import ALIASES, IMPLS, active, canonical, kernel_forms, resolve, target_platform
+from rest_jax.ops.portable import conv_output_size
+
+_FORMS = {'xla': portable, 'cpu': cpu}
+
+__all__ = ['ALIASES', 'IMPLS', 'active', 'block_fence', 'canonical', 'conv', 'conv_output_size', 'depthwise_conv',
+           'gelu', 'kernel_forms', 'layer_norm', 'pa_fence', 'pixel_shuffle', 'resolve', 'target_platform',
+           'upsample']
+
+
+def _forms():
+    return _FORMS[active()]
+
+
+def conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """Dense convolution, x (B, H, W, C) * kernel (kh, kw, C, O), symmetric zero padding `pad`."""
+    return _forms().conv(x, kernel, stride, pad)
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """Depthwise convolution, kernel (kh, kw, 1, C * m) in PyTorch's grouped order (see portable)."""
+    return _forms().depthwise_conv(x, kernel, stride, pad)
+
+
+def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:
+    """ResTv2's upsample branch: depthwise 3x3 to C * r * r channels, bias, PixelShuffle(r)."""
+    return _forms().upsample(x, kernel, bias, ratio)
+
+
+def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:
+    """`torch.nn.PixelShuffle(r)` on NHWC."""
+    return _forms().pixel_shuffle(x, r)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype) -> jax.Array:
+    """LayerNorm over the last axis, float32 statistics with the two-pass variance, output in `dtype`."""
+    return _forms().layer_norm(x, scale, bias, eps, dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """PyTorch's exact (erf) GELU, computed in float32."""
+    return _forms().gelu(x)
+
+
+def block_fence(x: jax.Array) -> jax.Array:
+    """The residual stream at a block boundary: the identity (CPU: its gradient is materialised once)."""
+    return _forms().block_fence(x)
+
+
+def pa_fence(x: jax.Array) -> jax.Array:
+    """Pixel attention's output: the identity (CPU: a fusion boundary)."""
+    return _forms().pa_fence(x)

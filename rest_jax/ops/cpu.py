@@ -1,0 +1,362 @@
+"""The XLA:CPU kernel forms: the portable ops' arithmetic in the shapes XLA:CPU runs fastest.
+
+Each function here equals its namesake in `portable` (the same sums of the same products, up to
+float rounding; tests/test_ops.py checks values and gradients). Why each form exists, with the
+measurements behind it, is in docs/performance.md. The recurring reasons:
+
+- XLA:CPU runs grouped (depthwise) convolutions ~30x slower than a sum of shifted multiply-adds.
+- Where autodiff keeps shifted or broadcast copies of an input for the backward pass, XLA:CPU stores
+  each at full size; the hand-written VJPs below keep the inputs and form the sums in one pass.
+- XLA:CPU hands single-operand sums to its library (YNNPACK), which needs its operands materialised;
+  a variadic reduce (`_sums`) stays in XLA's own fusion.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rest_jax.ops import cpu_isa, portable
+from rest_jax.ops.portable import conv_output_size, gelu, pixel_shuffle
+
+__all__ = ['block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'pa_fence', 'pixel_shuffle', 'upsample']
+
+
+# --- dense convolutions ---------------------------------------------------------------------------
+
+def conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """`portable.conv`: a 1x1 conv as a matmul; a strided conv forward as the conv (or patches times a
+    matmul where XLA:CPU's conv is weakest), differentiated in the form `cpu_isa` picks."""
+    kh, kw, _, _ = kernel.shape
+    if kh == kw == 1 and stride == 1 and pad == 0:
+        return jnp.einsum('bhwc,co->bhwo', x, kernel[0, 0])
+    if stride > 1:
+        return _strided_conv(x, kernel, stride, pad)
+    return portable.conv(x, kernel, stride, pad)
+
+
+def _patches_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """The conv as (B * H' * W', kh * kw * C) patches times the (kh * kw * C, O) kernel."""
+    kh, kw, c, o = kernel.shape
+    b, h, w, _ = x.shape
+    ho, wo = conv_output_size(h, kh, stride, pad), conv_output_size(w, kw, stride, pad)
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    patches = jnp.concatenate([
+        lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+                  (1, stride, stride, 1))
+        for i in range(kh) for j in range(kw)], axis=-1)
+    return jnp.einsum('bhwk,ko->bhwo', patches, kernel.reshape(kh * kw * c, o))
+
+
+def _differentiated_as(form: Callable, grad_form: Callable, *, forward_too: bool) -> Callable:
+    """`form(x, kernel, stride, pad)` with its derivative taken through `grad_form`: the same function,
+    written in the form XLA:CPU differentiates faster. With `forward_too`, the forward pass under
+    differentiation takes `grad_form` as well (inference keeps `form`)."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def f(x, kernel, stride, pad):
+        return form(x, kernel, stride, pad)
+
+    def fwd(x, kernel, stride, pad):
+        return (grad_form if forward_too else form)(x, kernel, stride, pad), (x, kernel)
+
+    def bwd(stride, pad, residuals, g):
+        x, kernel = residuals
+        return jax.vjp(lambda x, kernel: grad_form(x, kernel, stride, pad), x, kernel)[1](g)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def _strided_conv_forward(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    # Patches times a matmul where XLA:CPU's conv is weakest: few input channels (the RGB stem) and
+    # small outputs (the 28 -> 14 and 14 -> 7 embeddings at 224, whose patch matrices are small).
+    ho = conv_output_size(x.shape[1], kernel.shape[0], stride, pad)
+    wo = conv_output_size(x.shape[2], kernel.shape[1], stride, pad)
+    if x.shape[-1] <= 4 or ho * wo <= 14 * 14:
+        return _patches_conv(x, kernel, stride, pad)
+    return portable.conv(x, kernel, stride, pad)
+
+
+_strided_conv_patches_grad = _differentiated_as(_strided_conv_forward, _patches_conv, forward_too=False)
+_strided_conv_lax_grad = _differentiated_as(_strided_conv_forward, portable.conv, forward_too=False)
+
+
+def _strided_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    ho = conv_output_size(x.shape[1], kernel.shape[0], stride, pad)
+    wo = conv_output_size(x.shape[2], kernel.shape[1], stride, pad)
+    if cpu_isa.strided_conv_gradient_form(x.shape[-1], ho, wo, cpu_isa.host_has_avx512()) == 'lax':
+        return _strided_conv_lax_grad(x, kernel, stride, pad)
+    return _strided_conv_patches_grad(x, kernel, stride, pad)
+
+
+# --- depthwise convolutions -----------------------------------------------------------------------
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """`portable.depthwise_conv` as shifted multiply-adds: EMSA's reduction (kernel s + 1, stride s)
+    in block form under differentiation, stride-1 convs with a hand-written VJP."""
+    kh, kw, _, out = kernel.shape
+    c = x.shape[-1]
+    if stride > 1 and kh == kw == stride + 1 and out == c:
+        return _strided_depthwise(x, kernel[:, :, 0], stride, pad)
+    if stride == 1 and out == c:
+        return _depthwise_stride1(x, kernel[:, :, 0], pad)
+    return _shifted_depthwise(x, kernel, stride, pad)
+
+
+def _shifted_depthwise(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """A sum of kh * kw strided slices times per-channel weights."""
+    kh, kw, _, out = kernel.shape
+    b, h, w, c = x.shape
+    mult = out // c
+    ho, wo = conv_output_size(h, kh, stride, pad), conv_output_size(w, kw, stride, pad)
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    taps = kernel.reshape(kh, kw, c, mult)
+    if mult > 1:
+        xp = xp[..., None]
+    acc = None
+    for i in range(kh):
+        for j in range(kw):
+            start = (0, i, j, 0) + ((0,) if mult > 1 else ())
+            limit = (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1) + xp.shape[3:]
+            step = (1, stride, stride, 1) + ((1,) if mult > 1 else ())
+            term = lax.slice(xp, start, limit, step) * (taps[i, j] if mult > 1 else taps[i, j, :, 0])
+            acc = term if acc is None else acc + term
+    return acc.reshape(b, ho, wo, out)
+
+
+def _windows(x: jax.Array, kh: int, kw: int, pad: int, ho: int, wo: int) -> list[jax.Array]:
+    """The kh * kw stride-1 windows (B, ho, wo, C) of x zero-padded by `pad`, tap (i, j) at i * kw + j."""
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return [xp[:, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)]
+
+
+def _sums(terms: list[jax.Array], axes: tuple[int, ...]) -> list[jax.Array]:
+    """Each of `terms` summed over `axes`, in one variadic reduce: the products are formed in registers
+    inside XLA's own fusion, and all the sums come out of one pass over the inputs."""
+    zero = jnp.zeros((), terms[0].dtype)
+    return list(lax.reduce(tuple(terms), (zero,) * len(terms),
+                           lambda a, b: tuple(u + v for u, v in zip(a, b)), axes))
+
+
+# A stride-1 depthwise conv (PA's gate, ResTv2's r = 1 upsample) differentiated by hand: the kernel
+# gradient is one variadic reduce over (g, x) and the input gradient the same conv of g with the
+# flipped kernel, instead of autodiff's kh * kw stored shifted inputs.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_stride1(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+    return _shifted_depthwise(x, kernel[:, :, None], 1, pad)
+
+
+def _depthwise_stride1_fwd(x, kernel, pad):
+    return _depthwise_stride1(x, kernel, pad), (x, kernel)
+
+
+def _depthwise_stride1_bwd(pad, residuals, g):
+    x, kernel = residuals
+    kh, kw, c = kernel.shape
+    _, ho, wo, _ = g.shape
+    h, w = x.shape[1:3]
+    dkernel = _sums([g * win for win in _windows(x, kh, kw, pad, ho, wo)], (0, 1, 2))
+    # x[y] feeds out[y - i + pad] through tap i: a conv of g with the flipped kernel, padded kh-1-pad.
+    gp = jnp.pad(g, ((0, 0), (kh - 1 - pad, h - ho + pad), (kw - 1 - pad, w - wo + pad), (0, 0)))
+    dx = _shifted_depthwise(gp, kernel[::-1, ::-1, None], 1, 0)
+    return dx, jnp.stack(dkernel).reshape(kh, kw, c)
+
+
+_depthwise_stride1.defvjp(_depthwise_stride1_fwd, _depthwise_stride1_bwd)
+
+
+def _blocked_depthwise(x: jax.Array, kernel: jax.Array, s: int, pad: int) -> jax.Array:
+    """Depthwise conv with kernel (s + 1, s + 1, C) and stride s as a block reduction.
+
+    Cut the padded input into s x s blocks, one per output pixel. Output (i, j) sees block (i, j)
+    through the kernel's top-left s x s taps, plus the first row of block (i + 1, j), the first column
+    of block (i, j + 1) and the corner of block (i + 1, j + 1) through the last row, column and corner.
+    Four multiply-reduces over the blocks replace (s + 1)^2 strided slices.
+    """
+    b, h, w, c = x.shape
+    ho, wo = conv_output_size(h, s + 1, s, pad), conv_output_size(w, s + 1, s, pad)
+    rows, cols = (ho + 1) * s, (wo + 1) * s   # every tap of every output lies inside these
+    xp = jnp.pad(x, ((0, 0), (pad, max(rows - h - pad, 0)), (pad, max(cols - w - pad, 0)), (0, 0)))
+    blocks = xp[:, :rows, :cols].reshape(b, ho + 1, s, wo + 1, s, c)
+    # Multiply-reduce, not einsum: XLA:CPU would make the per-channel contraction a batched matmul
+    # with the channels as batch, far slower than this fused elementwise form.
+    body = (blocks[:, :ho, :, :wo] * kernel[:s, None, :s]).sum((2, 4))
+    below = (blocks[:, 1:, 0, :wo] * kernel[s, :s]).sum(3)
+    right = (blocks[:, :ho, :, 1:, 0] * kernel[:s, None, s]).sum(2)
+    return body + below + right + blocks[:, 1:, 0, 1:, 0] * kernel[s, s]
+
+
+# EMSA's reduction `sr` (kernel s + 1, stride s) runs forward as (s + 1)^2 shifted slices, the fastest
+# form on XLA:CPU, but the gradient of those slices is slow to compile and to run. So inference takes
+# the slices, and under differentiation both passes take the block form: the same function, exactly.
+# (The forward pass too: XLA fused the slices into the full-resolution input gradient of the LayerNorm
+# that follows and recomputed all (s + 1)^2 taps per input pixel; reductions are never duplicated.)
+_strided_depthwise = _differentiated_as(
+    lambda x, kernel, stride, pad: _shifted_depthwise(x, kernel[:, :, None], stride, pad),
+    _blocked_depthwise, forward_too=True)
+
+
+# --- ResTv2's upsample branch ---------------------------------------------------------------------
+
+def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:
+    """`portable.upsample` with each of the nine taps written straight into the shuffled
+    (B, H, r, W, r, C) layout: no (B, H, W, C, r * r) intermediate and no pixel-shuffle transpose."""
+    r = ratio
+    if r == 1:
+        return depthwise_conv(x, kernel, 1, 1) + bias
+    c = x.shape[-1]
+    # Output channel c * r * r + i * r + j of the conv is pixel (i, j) of channel c after the shuffle.
+    taps = kernel.reshape(3, 3, c, r, r).transpose(0, 1, 3, 4, 2)   # (3, 3, r, r, C)
+    return _shuffled_depthwise(x, taps, bias.reshape(c, r, r).transpose(1, 2, 0))
+
+
+@jax.custom_vjp
+def _shuffled_depthwise(x: jax.Array, taps: jax.Array, bias: jax.Array) -> jax.Array:
+    """Pixel-shuffled depthwise 3x3 conv: x (B, H, W, C), taps (3, 3, r, r, C), bias (r, r, C) ->
+    (B, H * r, W * r, C) with out[:, y * r + i, x * r + j] = bias[i, j] + sum of the nine taps."""
+    b, h, w, c = x.shape
+    r = taps.shape[2]
+    nine = taps.reshape(9, r, r, c)
+    acc = None
+    for t, win in enumerate(_windows(x, 3, 3, 1, h, w)):
+        term = win[:, :, None, :, None, :] * nine[t][:, None]
+        acc = term if acc is None else acc + term
+    return (acc + bias[:, None]).reshape(b, h * r, w * r, c)
+
+
+def _shuffled_depthwise_by_phase(x: jax.Array, taps: jax.Array, bias: jax.Array) -> jax.Array:
+    """`_shuffled_depthwise` (the same products, summed in the same order) computed one output phase
+    (i, j) at a time at input resolution, then interleaved by one transpose.
+
+    The forward pass under differentiation takes this form. There the (B, H, r, W, r, C) form's
+    output has several consumers (the LayerNorm's statistics and its backward), and XLA:CPU stored
+    the broadcast of every tap at full resolution to feed them. Here every broadcast is of a
+    per-channel scalar.
+    """
+    b, h, w, c = x.shape
+    r = taps.shape[2]
+    shifted = _windows(x, 3, 3, 1, h, w)
+    nine = taps.reshape(9, r, r, c)
+    phases = []
+    for i in range(r):
+        for j in range(r):
+            acc = shifted[0] * nine[0, i, j]
+            for t in range(1, 9):
+                acc = acc + shifted[t] * nine[t, i, j]
+            phases.append(acc + bias[i, j])
+    out = jnp.stack(phases).reshape(r, r, b, h, w, c).transpose(2, 3, 0, 4, 1, 5)
+    return out.reshape(b, h * r, w * r, c)
+
+
+def _shuffled_depthwise_fwd(x, taps, bias):
+    return _shuffled_depthwise_by_phase(x, taps, bias), (x, taps)
+
+
+def _shuffled_depthwise_bwd(residuals, g):
+    # Written out so that no (B, H, r, W, r, C) broadcast of a shifted input is ever stored (autodiff
+    # kept nine): the tap and bias gradients are one variadic reduce over g and x, and the input
+    # gradient's nine per-tap sums over the r x r phases another.
+    x, taps = residuals
+    b, h, w, c = x.shape
+    r = taps.shape[2]
+    g = g.reshape(b, h, r, w, r, c)
+    shifted = [win[:, :, None, :, None, :] for win in _windows(x, 3, 3, 1, h, w)]
+    *dtaps, dbias = _sums([g * s for s in shifted] + [g], (0, 1, 3))
+    parts = _sums([g * tap[:, None] for tap in taps.reshape(9, r, r, c)], (2, 4))
+    dxp = jnp.zeros((b, h + 2, w + 2, c), x.dtype)
+    for t, part in enumerate(parts):
+        i, j = divmod(t, 3)
+        dxp = dxp.at[:, i:i + h, j:j + w].add(part)
+    return dxp[:, 1:h + 1, 1:w + 1], jnp.stack(dtaps).reshape(taps.shape), dbias
+
+
+_shuffled_depthwise.defvjp(_shuffled_depthwise_fwd, _shuffled_depthwise_bwd)
+
+
+# --- LayerNorm ------------------------------------------------------------------------------------
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype) -> jax.Array:
+    """`portable.layer_norm` in float32 with a hand-written gradient (see `_layer_norm_f32`)."""
+    return _layer_norm_f32(x.astype(jnp.float32), scale, bias, eps).astype(dtype)
+
+
+def _row_stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """Mean and 1 / sqrt(var + eps) over the last axis (kept as a size-1 axis), two-pass.
+
+    The variance is the corrected two-pass sum(d^2) - sum(d)^2 / n with d = x - mean: as exact as
+    PyTorch's, and both sums come out of one variadic reduce.
+    """
+    n = x.shape[-1]
+    mean = jnp.sum(x, -1, keepdims=True) / n
+    d = x - mean
+    s1, s2 = _sums([d, d * d], (x.ndim - 1,))
+    var = (s2 - s1 * s1 / n) / n
+    return mean, lax.rsqrt(var + eps)[..., None]
+
+
+# Autodiff of the textbook form keeps the centred input and the broadcast statistics for the backward
+# pass, and XLA:CPU materialises each full-size broadcast as a library operand. Here the backward pass
+# keeps x and the per-row statistics and forms dx = rstd * (g' - mean(g') - xhat * mean(g' * xhat)),
+# with g' = g * scale, from two variadic reduces.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_f32(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    return _layer_norm_f32_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_f32_fwd(x, scale, bias, eps):
+    mean, rstd = _row_stats(x, eps)
+    return (x - mean) * rstd * scale + bias, (x, mean, rstd, scale)
+
+
+def _layer_norm_f32_bwd(eps, residuals, g):
+    x, mean, rstd, scale = residuals
+    n = x.shape[-1]
+    xhat = (x - mean) * rstd
+    gs = g * scale
+    s_g, s_gx = _sums([gs, gs * xhat], (x.ndim - 1,))
+    dx = rstd * (gs - s_g[..., None] / n - xhat * (s_gx[..., None] / n))
+    dscale, dbias = _sums([g * xhat, g], tuple(range(x.ndim - 1)))
+    return dx, dscale, dbias
+
+
+_layer_norm_f32.defvjp(_layer_norm_f32_fwd, _layer_norm_f32_bwd)
+
+
+# --- fences: identities that shape XLA:CPU's fusions ------------------------------------------------
+
+def pa_fence(x: jax.Array) -> jax.Array:
+    """x, bit for bit, through an op XLA:CPU's library (YNNPACK) fusions cannot absorb.
+
+    The fusion that computes a LayerNorm's mean grows upward through PA's gate into the nine shifted
+    slices of its depthwise conv and materialises each padded slice as a separate operand. A
+    reduce_precision to the array's own format is the identity (denormals, NaN and -0 included)
+    that XLA keeps and YNNPACK does not fuse, so the conv and gate stay one loop fusion.
+    """
+    info = jnp.finfo(x.dtype)
+    return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+# The residual stream's gradient is a chain of elementwise terms (the LayerNorm backward of every later
+# block). XLA:CPU fuses that chain into each consumer that transposes it for a weight gradient, so each
+# block recomputes the chains of all blocks after it: quadratic in depth. A conditional is a fusion
+# boundary XLA:CPU keeps (it expands `optimization_barrier` away), so at every block boundary the
+# gradient passes through a `lax.cond` whose branches are both the identity: materialised once, then
+# read. Forward it is the identity.
+@jax.custom_vjp
+def block_fence(x: jax.Array) -> jax.Array:
+    return x
+
+
+def _block_fence_fwd(x):
+    return x, None
+
+
+def _block_fence_bwd(_, g):
+    return (lax.cond(g.reshape(-1)[0] == 0, lambda g: g, lambda g: g + 0, g),)
+
+
+block_fence.defvjp(_block_fence_fwd, _block_fence_bwd)

@@ -1,0 +1,111 @@
+"""The portable kernel forms: one XLA operation per op where XLA has one. The reference every other
+form is tested against, and the form TPUs and GPUs run.
+
+Array functions on NHWC tensors; kernels in Flax's layouts ((kh, kw, C_in, C_out) dense, (kh, kw, 1,
+C * m) depthwise). Numerics are PyTorch's: explicit symmetric padding (never 'SAME', which is
+asymmetric for strided convs), the two-pass LayerNorm variance, the erf form of GELU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    """Output length of a convolution along one axis (PyTorch's and XLA's rule, no dilation)."""
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """A dense convolution, x (B, H, W, C) * kernel (kh, kw, C, O), zero-padded by `pad` on every side."""
+    return lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=_NHWC)
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """Depthwise convolution (groups = input channels) with an optional channel multiplier.
+
+    Args:
+      x: (B, H, W, C) input.
+      kernel: (kh, kw, 1, C * m) in Flax's grouped layout; output channel c * m + t is input
+        channel c filtered by kernel[..., 0, c * m + t], the order of PyTorch's `groups=C` conv.
+      stride, pad: the stride and the symmetric zero padding of both spatial dimensions.
+
+    Returns:
+      (B, H', W', C * m).
+    """
+    return lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                    dimension_numbers=_NHWC, feature_group_count=x.shape[-1])
+
+
+def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:
+    """ResTv2's upsample branch: depthwise 3x3 conv (pad 1) to C * r * r channels, bias, PixelShuffle(r).
+
+    kernel (3, 3, 1, C * r * r) and bias (C * r * r,) as `nn.Conv2d(C, C * r * r, 3, padding=1, groups=C)`.
+    """
+    return pixel_shuffle(depthwise_conv(x, kernel, 1, 1) + bias, ratio)
+
+
+def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:
+    """`torch.nn.PixelShuffle(r)` on NHWC: input channel c * r * r + i * r + j -> pixel (i, j) of c."""
+    if r == 1:
+        return x
+    b, h, w, cr = x.shape
+    c = cr // (r * r)
+    x = x.reshape(b, h, w, c, r, r).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, h * r, w * r, c)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype) -> jax.Array:
+    """LayerNorm over the last axis: statistics in float32, two-pass variance (PyTorch's), output in `dtype`.
+
+    The arithmetic of Flax's `nn.LayerNorm(use_fast_variance=False)`, whose parameters it takes.
+    """
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    mul = lax.rsqrt(var + eps) * scale
+    return ((x - mean) * mul + bias).astype(dtype)
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """PyTorch's nn.GELU(): x * Phi(x), the erf form, with PyTorch's formula 0.5 x (1 + erf(x / sqrt 2)).
+
+    Computed in float32 whatever the input dtype, as PyTorch does for bfloat16 (in bfloat16, 1 + erf(x)
+    cancels to nothing below x ~ -1.5). Differentiated by hand: the forward pass computes only the
+    output and keeps x; the backward pass evaluates Phi(x) + x * phi(x) in one pass (autodiff keeps
+    erf and the density from the forward pass: three passes over the MLP's hidden activations, two
+    stored). Phi comes from erf, not erfc (Flax's nn.gelu(approximate=False) uses erfc, which XLA:CPU
+    runs as a slow rational approximation); the cost is an absolute error of ~6e-8 in Phi's lower
+    tail, the error PyTorch's own kernel has.
+    """
+    xf = x.astype(jnp.float32)
+    return (0.5 * xf * (1 + lax.erf(xf * 0.7071067811865476))).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    xf = x.astype(jnp.float32)
+    cdf = 0.5 + 0.5 * lax.erf(xf * 0.7071067811865476)         # Phi(x)
+    pdf = jnp.exp(-0.5 * xf * xf) * 0.3989422804014327         # phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+    return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def block_fence(x: jax.Array) -> jax.Array:
+    """The residual stream between blocks: the identity (the CPU form fences its gradient)."""
+    return x
+
+
+def pa_fence(x: jax.Array) -> jax.Array:
+    """Pixel attention's output: the identity (the CPU form puts a fusion boundary here)."""
+    return x

@@ -1,0 +1,244 @@
+"""The kernel forms (rest_jax.ops): their resolution for a target platform, and every CPU form against
+the portable reference, values and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+
+import rest_jax
+from rest_jax import ops
+from rest_jax.ops import cpu, cpu_isa, portable
+
+FORMS = {'cpu': cpu, 'xla': portable}
+
+
+def test_cpu_forms_equal_xla_convolutions():
+    """The 'shift' forms against XLA's grouped convolutions, values and gradients: EMSA's reduction
+    (slices forward, block form under differentiation, a custom VJP) at strides 8, 4, 2, stride-1
+    convs (a custom VJP), and v2's upsample branch (taps written into the pixel-shuffled layout,
+    computed by phase under differentiation, a custom VJP)."""
+    def dw(x, w, stride, pad, impl):
+        return FORMS[impl].depthwise_conv(x, w, stride, pad)
+    for stride, size in [(8, (19, 23)), (4, (13, 17)), (2, (9, 8))]:
+        x = jax.random.normal(jax.random.key(0), (2, *size, 6))
+        w = jax.random.normal(jax.random.key(1), (stride + 1, stride + 1, 1, 6))
+        target = jax.random.normal(jax.random.key(2), dw(x, w, stride, stride // 2, 'xla').shape)
+        results = [jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(dw(x, w, stride, stride // 2, impl)) * target),
+                                              argnums=(0, 1)))(x, w)
+                   for impl in ('cpu', 'xla')]
+        for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for kernel, pad in [(3, 1), (5, 2), (3, 0)]:   # stride 1 (PA's gate): a custom VJP
+        x = jax.random.normal(jax.random.key(0), (2, 9, 7, 6))
+        w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 6))
+        target = jax.random.normal(jax.random.key(2), dw(x, w, 1, pad, 'xla').shape)
+        results = [jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(dw(x, w, 1, pad, impl)) * target),
+                                              argnums=(0, 1)))(x, w)
+                   for impl in ('cpu', 'xla')]
+        for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for r in (8, 4, 2, 1):
+        x = jax.random.normal(jax.random.key(0), (2, 5, 6, 6))
+        v = {'kernel': jax.random.normal(jax.random.key(1), (3, 3, 1, 6 * r * r)),
+             'bias': jax.random.normal(jax.random.key(3), (6 * r * r,))}   # nonzero bias
+        target = jax.random.normal(jax.random.key(2), (2, 5 * r, 6 * r, 6))
+        results = [jax.jit(jax.value_and_grad(lambda v, x: jnp.sum(jnp.tanh(f(x, v['kernel'], v['bias'], r)) * target),
+                                              argnums=(0, 1)))(v, x)
+                   for f in (cpu.upsample, portable.upsample)]
+        for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_gelu_gradient():
+    """GELU in PyTorch's erf form: the output against float64 and jax.nn.gelu (erfc form) to
+    |x| * 6e-8; the hand-written backward Phi(x) + x * phi(x) against float64, tails included (to
+    the ~6e-8 absolute accuracy of Phi from erf), and against autodiff of jax.nn.gelu."""
+    x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 241), jax.random.normal(jax.random.key(0), (500,)) * 3])
+    g = jax.random.normal(jax.random.key(1), x.shape)
+    ours = jax.vjp(jax.jit(ops.gelu), x)
+    ref = jax.vjp(lambda x: jax.nn.gelu(x, approximate=False), x)
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(ours[0], [0.5 * v * math.erfc(-v / math.sqrt(2)) for v in x64], rtol=2e-6, atol=8e-7)
+    np.testing.assert_allclose(ours[0], ref[0], rtol=2e-6, atol=8e-7)
+    exact = np.array([0.5 * math.erfc(-v / math.sqrt(2)) + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)
+                      for v in np.asarray(x, np.float64)])
+    np.testing.assert_allclose(ours[1](jnp.ones_like(x))[0], exact, rtol=3e-5, atol=2e-7)
+    np.testing.assert_allclose(ours[1](g)[0], ref[1](g)[0], rtol=1e-4, atol=1e-6)
+    # bfloat16 in, bfloat16 out, computed in float32: no cancellation of 1 + erf(x) in the lower tail.
+    xb = x.astype(jnp.bfloat16)
+    exact_b = [0.5 * v * math.erfc(-v / math.sqrt(2)) for v in np.asarray(xb, np.float64)]
+    out_b = jax.jit(ops.gelu)(xb)
+    assert out_b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out_b, np.float64), exact_b, rtol=8e-3, atol=8e-7)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_fusion_fence_is_the_identity(dtype):
+    """The fence after PA (an XLA:CPU fusion barrier) changes no bit, special values included, in
+    the forward and backward pass, and survives compilation on CPU (else it would fence nothing)."""
+    info = jnp.finfo(dtype)
+    special = jnp.array([0.0, -0.0, info.tiny, info.smallest_subnormal, -info.smallest_subnormal, info.max,
+                         -info.max, info.eps, jnp.inf, -jnp.inf, jnp.nan, 1 / 3], dtype)
+    x = jnp.concatenate([special, jax.random.normal(jax.random.key(0), (500,), dtype) * 100])
+    fence = jax.jit(cpu.pa_fence)
+    bits = lambda a: np.asarray(a).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32)
+    np.testing.assert_array_equal(bits(fence(x)), bits(x))
+    np.testing.assert_array_equal(bits(jax.vjp(fence, x)[1](x)[0]), bits(x))
+    if jax.default_backend() == 'cpu':
+        assert 'reduce-precision' in fence.lower(x).compile().as_text()
+
+
+@pytest.mark.parametrize('offset', [0.0, 50.0])
+def test_layer_norm_forms_equal_flax(offset):
+    """Both LayerNorm forms (the CPU one with a hand-written gradient) against Flax's two-pass
+    nn.LayerNorm: the same parameters, the forward pass against float64 (an offset mean tests the
+    two-pass variance), and the gradients of x, scale and bias."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 7, 48)) * 3 + offset
+    ln, ref = rest_jax.models.layers.LayerNorm(1e-6), nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)
+    params = {'params': {'scale': 1 + 0.1 * jax.random.normal(jax.random.key(1), (48,)),
+                         'bias': 0.1 * jax.random.normal(jax.random.key(2), (48,))}}
+    assert jax.tree.structure(ln.init(jax.random.key(3), x)) == jax.tree.structure(params)
+    assert jax.tree.structure(ref.init(jax.random.key(3), x)) == jax.tree.structure(params)
+    x64 = np.asarray(x, np.float64)
+    mean = x64.mean(-1, keepdims=True)
+    exact = (x64 - mean) / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + 1e-6)
+    exact = exact * np.asarray(params['params']['scale']) + np.asarray(params['params']['bias'])
+    target = jax.random.normal(jax.random.key(4), x.shape)
+
+    def loss(p, x, impl):
+        with ops.kernel_forms(impl):
+            return jnp.sum(jnp.tanh(ln.apply(p, x)) * target)
+
+    for impl in ('cpu', 'xla'):
+        with ops.kernel_forms(impl):
+            np.testing.assert_allclose(jax.jit(ln.apply)(params, x), exact, rtol=0, atol=2e-5 * (1 + offset / 10))
+        grads = [jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(params, x, impl),
+                 jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.tanh(ref.apply(p, x)) * target), argnums=(0, 1)))(params, x)]
+        for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + offset / 10))
+        with ops.kernel_forms(impl):
+            half = rest_jax.models.layers.LayerNorm(1e-6, jnp.bfloat16).apply(params, x.astype(jnp.bfloat16))
+        assert half.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize('channels,kernel,stride,pad', [(3, 3, 2, 1), (6, 3, 2, 1), (6, 1, 1, 0), (6, 3, 1, 1), (5, 5, 4, 2)])
+def test_cpu_dense_conv_forms_equal_xla_convolution(channels, kernel, stride, pad):
+    """Dense convs on CPU: a 1x1 as a matmul; strided ones differentiated as patches times a matmul or
+    through XLA's conv (both forms checked, whichever this host's ISA picks)."""
+    x = jax.random.normal(jax.random.key(0), (2, 13, 10, channels))
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, channels, 7))
+    target = jax.random.normal(jax.random.key(2), portable.conv(x, w, stride, pad).shape)
+    forms = [cpu.conv, portable.conv]
+    if stride > 1:
+        forms += [cpu._strided_conv_patches_grad, cpu._strided_conv_lax_grad]
+    results = [jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(f(x, w, stride, pad)) * target),
+                                          argnums=(0, 1)))(x, w)
+               for f in forms]
+    for other in results[:1] + results[2:]:
+        for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(results[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_conv_gradient_form_by_isa():
+    """AVX2: always the patches form. AVX-512: XLA's conv for the RGB stem and for <= 32 channels at
+    56x56 outputs and above (v1's stem), the patches form elsewhere."""
+    pick = cpu_isa.strided_conv_gradient_form
+    assert {pick(c, h, h, False) for c, h in [(3, 112), (32, 56), (96, 28), (384, 7)]} == {'patches'}
+    assert [pick(c, h, w, True) for c, h, w in [(3, 112, 112), (4, 7, 7), (32, 56, 56), (32, 56, 60), (32, 28, 28),
+                                                (48, 56, 56), (64, 56, 56), (384, 7, 7)]] == \
+        ['lax', 'lax', 'lax', 'lax', 'patches', 'patches', 'patches', 'patches']
+
+
+@pytest.mark.parametrize('name', ['rest_lite', 'restv2_tiny'])
+def test_cpu_forms_give_the_same_model_gradients(name):
+    """Every CPU form together (depthwise and dense convs, the gradient fences between blocks) in a
+    two-blocks-per-stage model: the training gradients and BatchNorm updates equal XLA's plain ones."""
+    model = rest_jax.create_model(name, embed_dims=[8, 16, 32, 64], depths=[2, 2, 2, 2], num_classes=5)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    x = jax.random.normal(jax.random.key(1), (2, 64, 72, 3))
+
+    def loss(params, impl):
+        m = model.clone(impl=impl)
+        out, updates = m.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+        return jnp.sum(jnp.tanh(out) * jnp.arange(5.0)), updates
+
+    results = [jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(variables['params'], impl)
+               for impl in ('cpu', 'xla')]
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+# --- which forms run --------------------------------------------------------------------------------
+
+def _tpu_mesh():
+    """An abstract mesh of one TPU device: what `jax.set_mesh` of a TPU mesh puts in context."""
+    device = jax.sharding.AbstractDevice(device_kind='TPU v5', num_cores=None, platform='tpu')
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ('data',), abstract_device=device))
+
+
+def test_auto_resolves_for_the_target_devices_not_the_host():
+    class Device:
+        def __init__(self, platform):
+            self.platform = platform
+    assert ops.resolve('auto', jax.devices()) == ('cpu' if jax.devices()[0].platform == 'cpu' else 'xla')
+    assert ops.resolve('auto', [Device('tpu')] * 4) == ops.resolve('auto', np.array([[Device('gpu')]])) == 'xla'
+    assert ops.resolve('auto', [Device('cpu')]) == 'cpu'
+    with _tpu_mesh():
+        assert ops.resolve('auto') == 'xla'
+    assert [ops.resolve(i, [Device('tpu')]) for i in ('cpu', 'shift', 'xla', 'lax')] == ['cpu', 'cpu', 'xla', 'xla']
+    with pytest.raises(ValueError, match="one of auto, xla, cpu, got 'fast'"):
+        ops.resolve('fast')
+    with pytest.raises(ValueError, match='one platform'):
+        ops.resolve('auto', [Device('tpu'), Device('cpu')])
+
+
+def test_kernel_forms_nest():
+    """'auto' keeps an enclosing choice; an explicit setting wins inside it; the default outside."""
+    with ops.kernel_forms('xla'):
+        assert ops.active() == 'xla'
+        with ops.kernel_forms('auto'):
+            assert ops.active() == 'xla'
+        with ops.kernel_forms('cpu'):
+            assert ops.active() == 'cpu'
+        assert ops.active() == 'xla'
+    assert ops.active() == ops.resolve('auto')
+
+
+def _primitives(model, variables, x) -> set[str]:
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(variables, x)
+    names = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+    walk(jaxpr.jaxpr)
+    return names
+
+
+@pytest.mark.parametrize('name', ['rest_lite', 'restv2_tiny'])
+def test_model_forms_follow_the_target(name):
+    """A model with impl='auto' traced for a TPU mesh on this (CPU) host takes the portable forms: grouped
+    convolutions, no CPU fences or hand-written CPU gradients; 'cpu' takes the CPU forms. The former
+    name `conv_impl` still selects them."""
+    model = rest_jax.create_model(name, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_classes=5)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    with _tpu_mesh():
+        portable_ops = _primitives(model, variables, x)
+    cpu_ops = _primitives(model.clone(impl='cpu'), variables, x)
+    assert _primitives(model.clone(conv_impl='shift'), variables, x) == cpu_ops
+    assert _primitives(model.clone(impl='xla'), variables, x) == portable_ops
+    assert 'reduce_precision' in cpu_ops and 'custom_vjp_call' in str(cpu_ops)
+    assert 'reduce_precision' not in portable_ops and 'conv_general_dilated' in portable_ops
+    assert rest_jax.create_model(name, conv_impl='lax').conv_impl == 'xla'
+    with pytest.raises(ValueError, match='kernel forms'):
+        rest_jax.create_model(name, impl='gpu')
