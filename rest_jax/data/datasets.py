@@ -246,9 +246,9 @@ def _readable_version(config, builder, data_dir):
     if not found:
         return None
     known = [str(builder.canonical_version)] + [str(v) for v in builder.SUPPORTED_VERSIONS]
-    usable = [v for v in found if v in known]
+    usable = [v for v in known if v in found]  # the newest first
     if usable:
-        return _make_builder(config, data_dir, version=usable[-1])
+        return _make_builder(config, data_dir, version=usable[0])
     raise ValueError(
         f'{epath.Path(builder.data_dir).parent} holds {builder.name} version(s) {", ".join(found)}, '
         f'which tensorflow-datasets {tfds.__version__} cannot read (it reads {", ".join(known)}): '
