@@ -119,7 +119,7 @@ def run(config, workdir: str) -> dict[str, float]:
     if config.init_from is None:  # the fine-tuning configs leave it unset on purpose
         raise ValueError('this config fine-tunes a trained model: pass --config.init_from=DIR (a training workdir '
                          "or a converted checkpoint), or --config.init_from='' to train from scratch")
-    workdir = os.path.abspath(workdir)
+    workdir = workdir if '://' in str(workdir) else os.path.abspath(workdir)  # gs:// stays a URL
     info = data.dataset_info(config)
     if config.model.num_classes != info.num_classes:
         raise ValueError(f'config.model.num_classes={config.model.num_classes} but {config.dataset} has '
