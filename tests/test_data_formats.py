@@ -214,3 +214,17 @@ def test_train_py_on_a_converted_tfrecord_copy_resumes_bit_identically(env8, tfr
         assert got.keys() == expected.keys()
         for key in got:
             np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_workdir_metadata_on_gcs(tmp_path):
+    """A gs:// workdir's model spec and config are written and read through etils.epath."""
+    from rest_jax import pretrained
+    with fake_gcs(tmp_path):
+        assert pretrained.read_metadata('gs://bucket/run') is None
+        pretrained.write_workdir_metadata('gs://bucket/run', 'restv2_tiny', {'num_classes': 10},
+                                          {'input_size': 224, 'crop_pct': 1.0}, '{"seed": 0}\n')
+        meta = pretrained.read_metadata('gs://bucket/run', pretrained.WORKDIR_FORMAT)
+    assert meta == {'format': pretrained.WORKDIR_FORMAT, 'model': 'restv2_tiny', 'config': {'num_classes': 10},
+                    'preprocessing': {'input_size': 224, 'crop_pct': 1.0}}
+    assert (tmp_path / 'bucket' / 'run' / 'config.json').read_text() == '{"seed": 0}\n'
+    assert sorted(p.name for p in (tmp_path / 'bucket' / 'run').iterdir()) == ['config.json', 'rest_jax.json']

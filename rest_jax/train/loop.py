@@ -32,7 +32,7 @@ def model_spec(config, workdir: str) -> tuple[str, dict[str, Any], str | None]:
     if meta is not None:
         return meta['model'], dict(meta['config']), None
     if config.init_from:
-        source = pretrained.read_metadata(os.path.abspath(config.init_from))
+        source = pretrained.read_metadata(config.init_from)
         if source is None:
             raise ValueError(f'config.init_from={config.init_from!r} is neither a converted checkpoint nor a training '
                              f'workdir (no {pretrained.METADATA}); convert official weights with python -m rest_jax.convert')
