@@ -9,6 +9,7 @@ import tarfile
 from unittest import mock
 
 import numpy as np
+import tensorflow as tf
 import pytest
 
 tf = pytest.importorskip('tensorflow')
@@ -183,14 +184,43 @@ def test_hosts_mix_each_group_as_one_host_does(digits, batch, update_freq, hosts
     assert len(set(np.round(kept, 4))) > 1
 
 
-def test_mixup_groups_must_fit_within_a_host(digits):
-    config = make_config(digits[0].data_dir, batch_size=8)
+def test_mixup_groups_spanning_hosts_keep_their_draw(digits):
+    """A group of 8 over hosts of 4 images: each host's slice takes its group's draw (the one-host
+    run's lam for those rows) and mixes within the slice; a group size that neither divides nor is a
+    multiple of the host's rows is refused in one line."""
+    from rest_jax.data import mixup
+    config = make_config(digits[0].data_dir, batch_size=16, update_freq=2)
     config.data.mixup_group_size = 8
-    with pytest.raises(ValueError, match='mixup_group_size'):
-        data.train_iterator(config, process_index=0, process_count=2)
+    whole = pipeline.mix_groups(config, 0, 1)
+    assert whole == (8, [0, 2, 1, 3], 4)
+    parts = [pipeline.mix_groups(config, p, 4) for p in range(4)]
+    assert parts == [(4, [0, 2], 4), (4, [0, 2], 4), (4, [1, 3], 4), (4, [1, 3], 4)]
+    images = tf.random.stateless_uniform([8, 6, 6, 3], [1, 2])   # host 2's rows: 4 per micro-batch, 2 micro-batches
+    labels = tf.range(8) % 10
+    seed = tf.constant([7, 9], tf.int64)
+    _, _, draws = mixup.mix_batch(tf.zeros([32, 6, 6, 3]), tf.zeros([32], tf.int32), seed, num_classes=10,
+                                  micro_batches=2, group_size=8,
+                                  group_ids=list(range(4)), total_groups=4, mixup_alpha=0.8, cutmix_alpha=0.0)
+    x, y, info = mixup.mix_batch(images, labels, seed, num_classes=10, micro_batches=2, group_size=4,
+                                 group_ids=parts[2][1], total_groups=4, mixup_alpha=0.8, cutmix_alpha=0.0)
+    lam = info['lam'].numpy()
+    np.testing.assert_array_equal(lam, draws['lam'].numpy()[[1, 3]])
+    rows = images.numpy().reshape(4, 2, 6, 6, 3)   # row i of micro-batch m is rows[i, m]
+    for m in range(2):
+        expected = lam[m] * rows[:, m] + (1 - lam[m]) * rows[::-1, m]
+        np.testing.assert_allclose(x.numpy().reshape(4, 2, 6, 6, 3)[:, m], expected, rtol=1e-6, atol=1e-6)
+    odd = make_config(digits[0].data_dir, batch_size=24)
+    odd.data.mixup_group_size = 8
+    with pytest.raises(ValueError, match='must be a multiple or a divisor of 12'):
+        pipeline.mix_groups(odd, 0, 2)
     config.data.mixup_group_size = 3
     with pytest.raises(ValueError, match='multiple of config.data.mixup_group_size'):
         data.train_iterator(config, process_index=0, process_count=1)
+    config.data.mixup_group_size = 8
+    batches = [take(data.train_iterator(config, start_step=3, process_index=p, process_count=4), 1)[0]
+               for p in range(4)]
+    for batch in batches:
+        assert batch['image'].shape[0] == 8 and np.allclose(batch['label'].sum(-1), 1.0, atol=1e-5)
 
 
 def test_eval_counts_every_example_once(digits):

@@ -164,21 +164,31 @@ def train_indices(config, n, step, process_index, process_count):
 
 
 def mix_groups(config, process_index, process_count):
-    """(group_size, global index of each of this host's groups, groups per update) for Mixup/CutMix.
+    """(rows mixed together, the global group index of each such unit, groups per update) for Mixup/CutMix.
 
     Group k of micro-batch m holds its rows [k g, (k + 1) g); its global index is m * (batch_size / g)
-    + k, so its draw is a function of (seed, step, global index), whichever host holds it.
+    + k, so its draw (mix or not, mixup or cutmix, lam, box) is a function of (seed, step, global
+    index), whichever host holds it. When a host holds whole groups, each pairs row i with row
+    g - 1 - i as timm does, and the stream equals a one-host run's bit for bit. When a group spans
+    several hosts (more hosts than groups per micro-batch, e.g. 2048 images on 16 hosts), each host
+    holds a slice of it: the slice takes the group's draw and pairs its rows within the slice. Every
+    image is still mixed with another image of its group of g, with the group's lam and kind, so the
+    per-image mixing statistics are those of the official per-GPU batches; only which image of the
+    (shuffled) group is the partner differs from a one-host run.
     """
     g = group_size(config)
     host_rows = config.batch_size // process_count
-    if host_rows % g:
+    per_micro, micro = config.batch_size // g, config.update_freq
+    if host_rows % g == 0:
+        blocks = host_rows // g
+        ids = [m * per_micro + process_index * blocks + a for a in range(blocks) for m in range(micro)]
+        return g, ids, per_micro * micro
+    if g % host_rows:
         raise ValueError(f'each host holds {host_rows} images of a micro-batch (config.batch_size='
-                         f'{config.batch_size} over {process_count} hosts), not whole Mixup/CutMix groups of '
-                         f'config.data.mixup_group_size={config.data.mixup_group_size}: set it to a divisor of '
-                         f'{host_rows}, or raise config.batch_size')
-    blocks, per_micro, micro = host_rows // g, config.batch_size // g, config.update_freq
-    ids = [m * per_micro + process_index * blocks + a for a in range(blocks) for m in range(micro)]
-    return g, ids, per_micro * micro
+                         f'{config.batch_size} over {process_count} hosts): config.data.mixup_group_size='
+                         f'{config.data.mixup_group_size} must be a multiple or a divisor of {host_rows}')
+    group = process_index * host_rows // g    # the group this host's slice belongs to
+    return host_rows, [m * per_micro + group for m in range(micro)], per_micro * micro
 
 
 def train_dataset(config, *, start_step=0, process_index=None, process_count=None):
