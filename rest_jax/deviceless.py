@@ -177,7 +177,7 @@ def compile_for_target(target: str, name: str = 'restv2_tiny', mode: str = 'trai
     """
     if mode not in ('train', 'infer'):
         raise TargetError(f"mode must be 'train' or 'infer', got {mode!r}")
-    config = recipe_config(name) if config is None else config
+    config = recipe_config(name) if config is None else config.copy_and_resolve_references()  # the caller's stays
     name = config.model.name
     devices = topology_devices(target)
     n = len(devices)
