@@ -165,11 +165,7 @@ def run(config, workdir: str) -> dict[str, float]:
         pretrained.write_workdir_metadata(workdir, name, overrides, preprocessing, config.to_json_best_effort(indent=2) + '\n')
     mlog.log(f'{name} {overrides or ""}\n' + mlog.parameter_table(state_lib.count_by_stage(state.params)))
 
-    train_step = jax.jit(step_lib.make_train_step(model, tx, lr_fn, update_freq=config.update_freq,
-                                                  ema_decay=config.ema_decay, seed=config.seed,
-                                                  batch_sharding=batch_sharding),
-                         in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    train_step = step_lib.jit_train_step(model, tx, lr_fn, config, mesh, shardings)
     eval_step = jax.jit(step_lib.make_eval_step(eval_model))
 
     writer = mlog.MetricWriter(workdir, total_steps)
