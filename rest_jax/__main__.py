@@ -4,6 +4,7 @@
     python -m rest_jax predict --checkpoint DIR a.jpg  # top-k classes of images
     python -m rest_jax benchmark --model restv2_tiny   # throughput, memory, FLOPs
     python -m rest_jax demo                            # the variant table and a forward pass
+    python -m rest_jax deviceless --target v5p:2x2x2   # a TPU slice's program, compiled without a TPU
 
 `python -m rest_jax COMMAND --help` describes each.
 """
@@ -16,6 +17,7 @@ COMMANDS = {
     'predict': 'rest_jax.inference',
     'benchmark': 'rest_jax.benchmark',
     'demo': 'rest_jax.demo',
+    'deviceless': 'rest_jax.deviceless',
 }
 
 

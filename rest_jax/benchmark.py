@@ -4,6 +4,8 @@
         --mode infer|train --dtype float32|bfloat16 [--json]
     python -m rest_jax.benchmark --all                  # the eight variants as a Markdown table
     python -m rest_jax.benchmark --official ~/ResT      # the official PyTorch code side by side
+    python -m rest_jax.benchmark --target v5p:2x2x2 --mode train   # compiled for a TPU slice, no TPU needed
+                                                                   # (rest_jax.deviceless: compiler estimates)
 
 Protocol: compile first (timed apart), two warm-up calls, then `--repeats` timed calls, each waited
 for; the figure is the median. `--mode train` times a whole optimizer step (forward, backward and
@@ -351,10 +353,16 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == '--target' or a.startswith('--target=') for a in argv):
+        from rest_jax import deviceless   # compiled for a TPU slice without a TPU: compiler estimates
+        return deviceless.main(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument('--model', default='restv2_tiny', choices=rest_jax.list_models())
     parser.add_argument('--all', action='store_true', help='every variant, as a Markdown table')
+    parser.add_argument('--target', help='a TPU topology (e.g. v5p:2x2x2): compile for it without a TPU instead '
+                                         '(rest_jax.deviceless; python -m rest_jax deviceless --help lists its options)')
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--image-size', type=int, default=224)
     parser.add_argument('--mode', default='infer', choices=['infer', 'train'])

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 
 from rest_jax import hlo_stats
 from rest_jax.models.macs import count_macs
-from rest_jax.models.registry import create_model, list_models, model_info
-from rest_jax.train import optimizer, sharding, state as state_lib, step as step_lib
+from rest_jax.models.registry import list_models, model_info
+from rest_jax.train import loop, optimizer, sharding, state as state_lib, step as step_lib
 
 IMAGENET_TRAIN = 1_281_167  # sets the schedule's length only: the program is the same for any value
 TOPOLOGY_FORMS = 'v4:2x2x1, v5e:2x2, v5e:4x4, v5p:2x2x1, v5p:2x2x2, v5p:4x4x4, v6e:2x2, v6e:8x8 (generation:chip grid)'
@@ -129,18 +129,6 @@ def recipe_config(name: str, config_file: str | None = None):
     return config
 
 
-def _model_for_target(config, name: str, overrides: dict[str, Any], devices: list[jax.Device]):
-    """The model train.py builds for this config, with the kernel forms for the target's devices.
-
-    The one place that chooses the forms: `conv_impl='lax'` (XLA's own convolution) until the forms are
-    chosen from the devices' platform; resolving 'auto' here would read the *host's* backend and
-    compile the CPU forms into a TPU program.
-    """
-    del devices  # the platform the forms will be chosen for
-    return create_model(name, **overrides, drop_path_rate=config.model.drop_path_rate,
-                        dtype=jnp.dtype(config.dtype), conv_impl='lax')
-
-
 @dataclasses.dataclass
 class CompiledTarget:
     """A program compiled for a TPU slice, with what built it."""
@@ -157,7 +145,8 @@ class CompiledTarget:
 
 def compile_for_target(target: str, name: str = 'restv2_tiny', mode: str = 'train', batch_per_chip: int | None = None,
                        *, batch_size: int | None = None, dtype: str | None = None, fsdp: int = 1,
-                       image_size: int | None = None, config=None, **overrides: Any) -> CompiledTarget:
+                       image_size: int | None = None, config=None, remat: str | None = None,
+                       impl: str | None = None, **overrides: Any) -> CompiledTarget:
     """Compile train.py's step (mode 'train') or jitted inference ('infer') for a TPU slice, without a TPU.
 
     Args:
@@ -170,6 +159,8 @@ def compile_for_target(target: str, name: str = 'restv2_tiny', mode: str = 'trai
       fsdp: the mesh's fsdp axis size (config.mesh.fsdp); data takes the other devices.
       image_size: default: the config's (224).
       config: a config to use instead of the variant's recipe (its model.name wins over `name`).
+      remat: config.model.remat ('none', 'block' or a jax.checkpoint_policies name); default: the config's.
+      impl: config.model.impl; default 'auto', resolved for the target's devices (the portable forms on TPU).
       **overrides: create_model arguments (a reduced architecture: embed_dims, depths, num_classes...).
 
     Raises:
@@ -190,10 +181,12 @@ def compile_for_target(target: str, name: str = 'restv2_tiny', mode: str = 'trai
     config.batch_size, config.mesh.fsdp, config.mesh.data = batch_size, fsdp, -1
     config.dtype = dtype or config.dtype
     config.image_size = image_size or config.image_size
+    config.model.remat = remat or config.model.remat
+    config.model.impl = impl or config.model.impl
     arch = {k: tuple(config.model[k]) for k in ('embed_dims', 'depths', 'num_heads') if config.model[k] is not None}
     if config.model.num_classes != model_info(name).num_classes:
         arch['num_classes'] = config.model.num_classes
-    model = _model_for_target(config, name, {**arch, **overrides}, devices)
+    model = loop.build_model(config, name, {**arch, **overrides}, devices)   # train.py's model, forms for the target
     mesh = sharding.make_mesh(config.mesh, devices)
     steps_per_epoch = max(IMAGENET_TRAIN // batch_size, 1)
     tx, lr_fn = optimizer.make_optimizer(config, steps_per_epoch, config.num_epochs * steps_per_epoch)
@@ -242,7 +235,7 @@ def report(ct: CompiledTarget, top: int = 10) -> dict[str, Any]:
         'architecture': {k: list(v) if isinstance(v, tuple) else v for k, v in _arch(ct.model).items()},
         'mode': ct.mode, 'dtype': config.dtype, 'image_size': config.image_size,
         'params': ct.params, 'batch_per_chip': per_chip, 'global_batch': config.batch_size,
-        'conv_impl': ct.model.conv_impl,
+        'impl': ct.model.impl, 'remat': ct.model.remat,
         'jax_version': jax.__version__, 'lower_s': ct.lower_s, 'compile_s': ct.compile_s,
         'flops': flops, 'model_flops': float(model_flops), 'flops_ratio': flops / model_flops if model_flops else None,
         'bytes_accessed': bytes_accessed, 'bytes_per_image': bytes_accessed / per_chip,
@@ -278,7 +271,7 @@ def describe(r: dict[str, Any]) -> str:
     """A report as text: one figure a line, then the collectives and where the bytes go."""
     m, per = r['memory'], r['batch_per_chip']
     lines = [f"{r['model']} {r['mode']}, {r['dtype']}, {per} images/chip at {r['image_size']}, on {r['target']} "
-             f"({r['chips']} x {r['device_kind']}, mesh {r['mesh']}, conv_impl {r['conv_impl']}, jax {r['jax_version']})",
+             f"({r['chips']} x {r['device_kind']}, mesh {r['mesh']}, kernel forms {r['impl']}, remat {r['remat']}, jax {r['jax_version']})",
              f"  compile             {r['lower_s']:.1f} s lowering + {r['compile_s']:.1f} s XLA (this host)",
              f"  FLOPs (XLA)         {_si(r['flops'], 'FLOP')}  = {r['flops_ratio']:.2f} x the analytic "
              f"{_si(r['model_flops'], 'FLOP')} (2 x MACs{', x 3 for training' if r['mode'] == 'train' else ''})",
@@ -349,6 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--dtype', choices=['bfloat16', 'float32'], help="default: the recipe's (bfloat16)")
     parser.add_argument('--image-size', type=int, help="default: the recipe's (224)")
     parser.add_argument('--mesh.fsdp', dest='fsdp', type=int, default=1, help='fsdp axis size (config.mesh.fsdp)')
+    parser.add_argument('--remat', help="recompute blocks in the backward pass: none, block or a jax.checkpoint_policies "
+                                            "name (default: the recipe's, none)")
+    parser.add_argument('--impl', choices=['auto', 'xla', 'cpu'], help='kernel forms (default auto: the portable forms on a TPU)')
     parser.add_argument('--config', help='a configs/*.py file instead of the variant\'s recipe (e.g. a 384 fine-tune)')
     parser.add_argument('--arch', type=_json_object, default={}, metavar='JSON',
                         help='create_model overrides, e.g. \'{"embed_dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1]}\'')
@@ -357,8 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (args.batch_per_chip is not None and args.batch_per_chip < 1) or (args.image_size is not None and args.image_size < 32):
         parser.error('need --batch-per-chip >= 1 and --image-size >= 32')
-    if {'conv_impl', 'dtype'} & set(args.arch):
-        parser.error('--arch: the kernel forms follow the target; set dtype with --dtype')
+    if {'impl', 'conv_impl', 'remat', 'dtype'} & set(args.arch):
+        parser.error('--arch: set the kernel forms, remat and dtype with --impl, --remat and --dtype')
     names = list_models() if args.all else [args.model]
     results = []
     for name in names:
@@ -366,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
             config = recipe_config(name, args.config) if args.config else None
             ct = compile_for_target(args.target, name, args.mode, args.batch_per_chip, batch_size=args.batch_size,
                                     dtype=args.dtype, fsdp=args.fsdp, image_size=args.image_size, config=config,
+                                    remat=args.remat, impl=args.impl,
                                     **args.arch)
         except ValueError as e:  # TargetError, make_mesh's and create_model's one-line messages
             print(f'error: {e}', file=sys.stderr)

@@ -51,6 +51,8 @@ def sharded_layers(ct) -> set[str]:
 def test_data_parallel_train_step(data_parallel):
     ct, r = data_parallel
     assert r['device_kind'] == 'TPU v5 lite' and r['chips'] == 4 and r['mesh'] == {'data': 4, 'fsdp': 1}
+    # The kernel forms follow the target, not this CPU host: the portable ones, no CPU fence in the program.
+    assert ct.model.impl == r['impl'] == 'xla' and 'reduce-precision' not in ct.compiled.as_text()
     images = ct.compiled.input_shardings[0][1]['image']
     assert images.spec[0] == ('data', 'fsdp') and images.shard_shape((4 * PER_CHIP, 64, 64, 3))[0] == PER_CHIP
     # Pure data parallelism: the gradients (and the BatchNorm statistics, taken over the global batch)

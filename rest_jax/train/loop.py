@@ -50,6 +50,15 @@ def model_spec(config, workdir: str) -> tuple[str, dict[str, Any], str | None]:
     return config.model.name, overrides, note
 
 
+def build_model(config, name: str, overrides: dict[str, Any], devices) -> Any:
+    """The model a run trains: `create_model(name, **overrides)` with the config's drop path, dtype and
+    remat, and the kernel forms for `devices`, the devices the step is compiled for (never the host's
+    default backend: a TPU program compiled on a CPU host must not get the CPU forms)."""
+    impl = ops.resolve(config.model.conv_impl or config.model.impl, devices)
+    return create_model(name, **overrides, drop_path_rate=config.model.drop_path_rate,
+                        dtype=jnp.dtype(config.dtype), impl=impl, remat=config.model.remat)
+
+
 def _initial_variables(config, model, image_size: int) -> dict[str, Any]:
     """Random variables, with init_from's weights merged in; a head of another size stays random."""
     fresh = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, image_size, image_size, 3)))
@@ -131,10 +140,7 @@ def run(config, workdir: str) -> dict[str, float]:
 
     name, overrides, note = model_spec(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
-    # The kernel forms for the devices this program runs on (never the host's default backend).
-    impl = ops.resolve(config.model.conv_impl or config.model.impl, mesh.devices)
-    model = create_model(name, **overrides, drop_path_rate=config.model.drop_path_rate,
-                         dtype=jnp.dtype(config.dtype), impl=impl, remat=config.model.remat)
+    model = build_model(config, name, overrides, mesh.devices)
     eval_model = model
     tx, lr_fn = optimizer.make_optimizer(config, steps_per_epoch, total_steps)
     if config.batch_size % mesh.size:
