@@ -5,6 +5,7 @@
     python -m rest_jax export --checkpoint DIR --out F # a serving artifact (jax.export) and F.json
     python -m rest_jax benchmark --model restv2_tiny   # throughput, memory, FLOPs
     python -m rest_jax demo                            # the variant table and a forward pass
+    python -m rest_jax deviceless --target v5p:2x2x2   # a TPU slice's program, compiled without a TPU
 
 `python -m rest_jax COMMAND --help` describes each.
 """
@@ -18,6 +19,7 @@ COMMANDS = {
     'export': 'rest_jax.export',
     'benchmark': 'rest_jax.benchmark',
     'demo': 'rest_jax.demo',
+    'deviceless': 'rest_jax.deviceless',
 }
 
 

@@ -4,6 +4,8 @@
         --mode infer|train --dtype float32|bfloat16 [--json]
     python -m rest_jax.benchmark --all                  # the eight variants as a Markdown table
     python -m rest_jax.benchmark --official ~/ResT      # the official PyTorch code side by side
+    python -m rest_jax.benchmark --target v5p:2x2x2 --mode train   # compiled for a TPU slice, no TPU needed
+                                                                   # (rest_jax.deviceless: compiler estimates)
 
 Protocol: compile first (timed apart), two warm-up calls, then `--repeats` timed calls, each waited
 for; the figure is the median. `--mode train` times a whole optimizer step (forward, backward and
@@ -36,6 +38,7 @@ except ImportError:
 import rest_jax
 from rest_jax import host
 from rest_jax import ops
+from rest_jax.ops import cpu_isa
 from rest_jax.models.macs import count_macs
 
 # Dense peak FLOP/s per device, by device_kind substring (first match wins): (bfloat16, float32).
@@ -246,7 +249,7 @@ def benchmark(name: str, mode: str = 'infer', batch_size: int = 8, image_size: i
                   f'no peak FLOP/s known for {device.device_kind!r} ({device.platform}); MFU omitted'),
         backend=jax.default_backend(), device_kind=device.device_kind, device_count=jax.device_count(),
         cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
-        jax_version=jax.__version__, host_huge_pages=host.huge_pages_status(),
+        jax_version=jax.__version__, cpu=cpu_isa.host_cpu(), host_huge_pages=host.huge_pages_status(),
         page_faults_per_step=host_costs['rest_jax'][0] if host_costs else None,
         kernel_seconds_per_step=host_costs['rest_jax'][1] if host_costs else None,
         impl=built['model'].impl)
@@ -319,7 +322,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
 def describe(r: dict[str, Any]) -> str:
     lines = [f"{r['model']} {r['mode']} ({r['dtype']}, batch {r['batch_size']} at {r['image_size']}, "
-             f"{r['backend']}: {r['device_kind']}, {r['cpu_count']} CPUs, kernel forms {r['impl']})",
+             f"{r['backend']}: {r['device_kind']}, {r['cpu_count']} CPUs of {cpu_isa.describe_cpu(r['cpu'])}, "
+             f"kernel forms {r['impl']})",
              f"  images/s        {r['images_per_sec']:.1f}  (median {r['step_ms']:.1f} ms/step, "
              f"best {r['step_ms_min']:.1f}, {r['repeats']} runs)",
              f"  compile         {r['compile_seconds']:.1f} s",
@@ -349,10 +353,16 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == '--target' or a.startswith('--target=') for a in argv):
+        from rest_jax import deviceless   # compiled for a TPU slice without a TPU: compiler estimates
+        return deviceless.main(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument('--model', default='restv2_tiny', choices=rest_jax.list_models())
     parser.add_argument('--all', action='store_true', help='every variant, as a Markdown table')
+    parser.add_argument('--target', help='a TPU topology (e.g. v5p:2x2x2): compile for it without a TPU instead '
+                                         '(rest_jax.deviceless; python -m rest_jax deviceless --help lists its options)')
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--image-size', type=int, default=224)
     parser.add_argument('--mode', default='infer', choices=['infer', 'train'])
@@ -391,7 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.all:
         d = results[0]
         print(f"\n{args.mode}, {args.dtype}, batch {args.batch_size} at {args.image_size}, "
-              f"{d['backend']} ({d['device_kind']}, {d['cpu_count']} CPUs), jax {d['jax_version']}:\n")
+              f"{d['backend']} ({d['device_kind']}, {d['cpu_count']} CPUs of {cpu_isa.describe_cpu(d['cpu'])}), "
+              f"jax {d['jax_version']}:\n")
         print(markdown_table(results))
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rest_jax.pretrained import preprocessing_of
+from rest_jax.pretrained import preprocessing_of, remember_preprocessing  # noqa: F401 (also here)
 
 _PIL_FILTERS = {'bicubic': 'BICUBIC', 'bilinear': 'BILINEAR', 'nearest': 'NEAREST', 'lanczos': 'LANCZOS'}
 _WARP_FROM = 384  # the official eval warps straight to a square at this size and above (no crop)

@@ -46,11 +46,14 @@ def read_metadata(path: str | os.PathLike, format: str | None = None) -> dict[st
 
 
 def write_metadata(directory: str | os.PathLike, meta: Mapping[str, Any], extra: Mapping[str, str] = ()) -> None:
-    """Write `rest_jax.json` (and `extra` {file name: text}) into `directory`, each file atomically
-    (a temporary file, then a rename), so a reader never sees half a file."""
+    """Write `rest_jax.json` (and `extra` {file name: text}) into `directory` (local or gs://), each file
+    atomically (locally a temporary file, then a rename), so a reader never sees half a file."""
     directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name, text in [(METADATA, json.dumps(dict(meta), indent=2) + '\n'), *dict(extra).items()]:
+        if '://' in str(directory):   # an object store: an object appears whole when its write completes
+            (directory / name).write_text(text)
+            continue
         tmp = directory / f'.{name}.tmp'
         tmp.write_text(text)
         tmp.rename(directory / name)

@@ -21,6 +21,10 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
         sys.modules['jax'].config.update('jax_compilation_cache_dir', _cache)
         sys.modules['jax'].config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
+# The suite runs on the host CPU. With libtpu installed (tests/test_deviceless.py needs it), JAX would
+# otherwise probe for a TPU first, and libtpu prints warnings off a TPU VM into the CLIs' stderr.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
 REPO = Path(__file__).resolve().parents[1]
 # CI clones the repo with shared/ beside it; REST_JAX_GOLDEN points elsewhere if needed.
 GOLDEN = Path(os.environ.get('REST_JAX_GOLDEN', REPO.parent / 'shared' / 'golden'))

@@ -40,6 +40,8 @@ def test_cli_json_without_tensorflow_and_torch():
     assert (result['model'], result['mode'], result['batch_size'], result['image_size']) == ('restv2_tiny', 'infer', 2, 64)
     assert result['mfu'] is None and 'MFU omitted' in result['mfu_note']   # CPU: no peak to compare with
     assert result['host_huge_pages'].startswith(('on (', 'off ('))
+    assert set(result['cpu']) == {'vendor', 'family', 'model', 'name', 'isa'}   # figures name their CPU
+    assert result['cpu']['isa'] in ('avx512', 'avx2', 'sse2', 'unknown')
     if sys.platform.startswith('linux'):
         assert result['page_faults_per_step'] >= 0 and result['kernel_seconds_per_step'] >= 0
 

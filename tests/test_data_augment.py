@@ -163,13 +163,16 @@ def _pil_eval(data, size, crop_pct):
     return np.asarray(image.crop((left, top, left + size, top + size)), np.float32)
 
 
-@pytest.mark.parametrize('size,portrait', [(224, False), (224, True), (384, False)])
-def test_eval_transform_matches_pil(jpeg, size, portrait):
-    """The official eval transform (PIL bicubic resize + center crop, or a warp at >= 384)."""
+@pytest.mark.parametrize('size,portrait,crop_pct', [(224, False, 0.875), (224, True, 0.875), (224, False, 1.0),
+                                                   (224, True, 1.0), (384, False, 1.0)])
+def test_eval_transform_matches_pil(jpeg, size, portrait, crop_pct):
+    """The official eval transform (PIL bicubic resize + center crop, or a warp at >= 384): v1's crop
+    0.875 (Resize(int(256 / 224 * size))) and v2's 1.0 (main.py's default --crop_pct)."""
 
     class Data:
-        crop_pct, mean, std = 0.875, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
+    Data.crop_pct = crop_pct
     if portrait:  # the crop window (decoded alone) then runs along the other axis
         from sklearn.datasets import load_sample_images
         buffer = io.BytesIO()

@@ -9,6 +9,7 @@ import tarfile
 from unittest import mock
 
 import numpy as np
+import tensorflow as tf
 import pytest
 
 tf = pytest.importorskip('tensorflow')
@@ -28,7 +29,8 @@ def make_config(data_dir, **overrides):
     c.data = ml_collections.ConfigDict(dict(
         train_split='train', eval_split='test', crop_pct=0.875, interpolation='bicubic',
         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, randaug='rand-m9-mstd0.5-inc1',
-        reprob=0.25, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
+        reprob=0.25, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_group_size=256,
+        repeated_aug=0,
         label_smoothing=0.1, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
         shuffle_buffer=16384, num_workers=0))
     for key, value in overrides.items():
@@ -64,8 +66,10 @@ def test_digits_are_the_sklearn_digits(digits):
     assert 0 <= label < 10
 
 
-def test_train_stream_is_deterministic_and_resumes_exactly(digits):
-    config, _ = digits
+@pytest.mark.parametrize('recipe', [{}, {'repeated_aug': 3, 'mixup_group_size': 4}], ids=['v2', 'v1'])
+def test_train_stream_is_deterministic_and_resumes_exactly(digits, recipe):
+    config = make_config(digits[0].data_dir)
+    config.data.update(recipe)
     first = take(data.train_iterator(config, process_index=0, process_count=1), 5)
     again = take(data.train_iterator(config, process_index=0, process_count=1), 5)
     resumed = take(data.train_iterator(config, start_step=3, process_index=0, process_count=1), 2)
@@ -106,6 +110,117 @@ def test_hosts_split_the_global_batch(digits):
     assert whole['image'].shape == (8, 32, 32, 3) and halves[0]['image'].shape == (4, 32, 32, 3)
     np.testing.assert_array_equal(np.concatenate([h['image'] for h in halves]), whole['image'])
     np.testing.assert_array_equal(np.concatenate([h['label'] for h in halves]), whole['label'])
+
+
+def _shuffle(config, n, epoch, positions):
+    """The stateless permutation of an epoch (what torch.randperm is to the official samplers)."""
+    k = len(positions)
+    seed = tf.stack([tf.fill([k], tf.constant(config.seed * 3, tf.int64)), tf.fill([k], tf.constant(epoch, tf.int64)),
+                     tf.zeros([k], tf.int64)], axis=1)
+    return tf.raw_ops.RandomIndexShuffle(index=tf.constant(positions, tf.int64), seed=seed,
+                                         max_index=tf.fill([k], tf.constant(n - 1, tf.int64))).numpy()
+
+
+def _rasampler_epoch(perm, repeats, replicas, per_replica):
+    """DeiT's RASampler (v1's samplers.py) with a DataLoader(batch_size=per_replica, drop_last=True)
+    on each replica: batches[t][r] is what replica r trains on at step t of the epoch."""
+    n = len(perm)
+    num_samples = int(np.ceil(n * repeats / replicas))
+    total_size = num_samples * replicas
+    indices = [int(i) for i in perm for _ in range(repeats)]
+    indices += indices[:total_size - len(indices)]
+    selected = int(np.floor(n // per_replica * per_replica / replicas))  # the official 256 is per_replica
+    ranks = [indices[r:total_size:replicas][:selected] for r in range(replicas)]
+    return [[rank[t * per_replica:(t + 1) * per_replica] for rank in ranks] for t in range(selected // per_replica)]
+
+
+def test_repeated_augmentation_is_deits_rasampler(digits):
+    """Each group of 4 images of a 16-image batch is a replica of the RASampler (4 'GPUs' x 4)."""
+    config, info = digits
+    config = make_config(config.data_dir, batch_size=16)
+    config.data.update(repeated_aug=3, mixup_group_size=4)
+    n = info.num_train
+    epoch_steps = n // 16
+    for epoch in (0, 1):
+        reference = _rasampler_epoch(_shuffle(config, n, epoch, range(n)), 3, 4, 4)
+        assert len(reference) == epoch_steps  # the sampler's epoch length is the train loop's
+        for t in (0, 1, 40, epoch_steps - 1):
+            _, index = pipeline.train_indices(config, n, epoch * epoch_steps + t, 0, 1)
+            np.testing.assert_array_equal(index.numpy().reshape(4, 4), reference[t])
+    seen = np.concatenate([pipeline.train_indices(config, n, t, 0, 1)[1].numpy() for t in range(epoch_steps)])
+    counts = np.bincount(np.bincount(seen, minlength=n))
+    assert counts[3] == len(seen) // 3 and counts[1:3].sum() <= 1  # about n / 3 images, 3 times each
+    for t in range(epoch_steps):  # the copies of an image sit in different groups (replicas)
+        groups = pipeline.train_indices(config, n, t, 0, 1)[1].numpy().reshape(4, 4)
+        assert all(len(set(g)) == 4 for g in groups)
+
+
+@pytest.mark.parametrize('batch, update_freq, hosts', [(16, 1, 2), (16, 1, 4), (8, 2, 2)])
+def test_hosts_split_the_repeated_augmentation_sampler(digits, batch, update_freq, hosts):
+    config = make_config(digits[0].data_dir, batch_size=batch, update_freq=update_freq)
+    config.data.update(repeated_aug=3, mixup_group_size=4)
+    n = digits[1].num_train
+    for step in (0, 7, 200):
+        slots, index = pipeline.train_indices(config, n, step, 0, 1)
+        parts = [pipeline.train_indices(config, n, step, p, hosts) for p in range(hosts)]
+        np.testing.assert_array_equal(np.concatenate([s.numpy() for s, _ in parts]), slots.numpy())
+        np.testing.assert_array_equal(np.concatenate([i.numpy() for _, i in parts]), index.numpy())
+
+
+@pytest.mark.parametrize('batch, update_freq, hosts', [(16, 1, 4), (8, 2, 2)])
+def test_hosts_mix_each_group_as_one_host_does(digits, batch, update_freq, hosts):
+    """Mixup/CutMix draws once per group of mixup_group_size images, whichever host holds it."""
+    config = make_config(digits[0].data_dir, batch_size=batch, update_freq=update_freq)
+    config.data.mixup_group_size = 4
+    whole = take(data.train_iterator(config, start_step=5, process_index=0, process_count=1), 2)
+    parts = [take(data.train_iterator(config, start_step=5, process_index=p, process_count=hosts), 2)
+             for p in range(hosts)]
+    for step in range(2):
+        for key in ('image', 'label'):
+            np.testing.assert_array_equal(np.concatenate([part[step][key] for part in parts]), whole[step][key])
+    # Each group of 4 draws on its own: the targets of its rows mix two labels with one lam.
+    soft = whole[0]['label'] - 0.01  # smoothing 0.1 over 10 classes
+    kept = np.sort(soft, axis=1)[:, -1]
+    assert len(set(np.round(kept, 4))) > 1
+
+
+def test_mixup_groups_spanning_hosts_keep_their_draw(digits):
+    """A group of 8 over hosts of 4 images: each host's slice takes its group's draw (the one-host
+    run's lam for those rows) and mixes within the slice; a group size that neither divides nor is a
+    multiple of the host's rows is refused in one line."""
+    from rest_jax.data import mixup
+    config = make_config(digits[0].data_dir, batch_size=16, update_freq=2)
+    config.data.mixup_group_size = 8
+    whole = pipeline.mix_groups(config, 0, 1)
+    assert whole == (8, [0, 2, 1, 3], 4)
+    parts = [pipeline.mix_groups(config, p, 4) for p in range(4)]
+    assert parts == [(4, [0, 2], 4), (4, [0, 2], 4), (4, [1, 3], 4), (4, [1, 3], 4)]
+    images = tf.random.stateless_uniform([8, 6, 6, 3], [1, 2])   # host 2's rows: 4 per micro-batch, 2 micro-batches
+    labels = tf.range(8) % 10
+    seed = tf.constant([7, 9], tf.int64)
+    _, _, draws = mixup.mix_batch(tf.zeros([32, 6, 6, 3]), tf.zeros([32], tf.int32), seed, num_classes=10,
+                                  micro_batches=2, group_size=8,
+                                  group_ids=list(range(4)), total_groups=4, mixup_alpha=0.8, cutmix_alpha=0.0)
+    x, y, info = mixup.mix_batch(images, labels, seed, num_classes=10, micro_batches=2, group_size=4,
+                                 group_ids=parts[2][1], total_groups=4, mixup_alpha=0.8, cutmix_alpha=0.0)
+    lam = info['lam'].numpy()
+    np.testing.assert_array_equal(lam, draws['lam'].numpy()[[1, 3]])
+    rows = images.numpy().reshape(4, 2, 6, 6, 3)   # row i of micro-batch m is rows[i, m]
+    for m in range(2):
+        expected = lam[m] * rows[:, m] + (1 - lam[m]) * rows[::-1, m]
+        np.testing.assert_allclose(x.numpy().reshape(4, 2, 6, 6, 3)[:, m], expected, rtol=1e-6, atol=1e-6)
+    odd = make_config(digits[0].data_dir, batch_size=24)
+    odd.data.mixup_group_size = 8
+    with pytest.raises(ValueError, match='must be a multiple or a divisor of 12'):
+        pipeline.mix_groups(odd, 0, 2)
+    config.data.mixup_group_size = 3
+    with pytest.raises(ValueError, match='multiple of config.data.mixup_group_size'):
+        data.train_iterator(config, process_index=0, process_count=1)
+    config.data.mixup_group_size = 8
+    batches = [take(data.train_iterator(config, start_step=3, process_index=p, process_count=4), 1)[0]
+               for p in range(4)]
+    for batch in batches:
+        assert batch['image'].shape[0] == 8 and np.allclose(batch['label'].sum(-1), 1.0, atol=1e-5)
 
 
 def test_eval_counts_every_example_once(digits):

@@ -94,14 +94,49 @@ def test_input_forms_agree():
 
 
 def test_preprocessing_follows_the_model():
-    assert inference.preprocessing_of(rest_jax.create_model('rest_small'))['crop_pct'] == 0.9
-    assert inference.preprocessing_of(rest_jax.create_model('restv2_base'))['crop_pct'] == 0.875
+    assert inference.preprocessing_of(rest_jax.create_model('rest_small'))['crop_pct'] == 0.875
+    assert inference.preprocessing_of(rest_jax.create_model('restv2_base'))['crop_pct'] == 1.0
     assert inference.preprocessing_of(rest_jax.create_model('restv2_tiny', num_classes=10))['num_classes'] == 10
     model = rest_jax.create_model('restv2_tiny')
     twin = rest_jax.create_model('restv2_tiny')  # equal as a dataclass, but not the fine-tuned one
     inference.remember_preprocessing(model, {**rest_jax.model_info('restv2_tiny').preprocessing(), 'input_size': 384})
     assert inference.preprocess(noise_image(40, 40), model).shape == (1, 384, 384, 3)
     assert inference.preprocess(noise_image(40, 40), twin).shape == (1, 224, 224, 3)
+
+
+def official_eval_resize(name, hw, input_size):
+    """The (width, height) the official eval transform resizes an image of `hw` to.
+
+    v2 release, datasets.py build_transform with main.py's --crop_pct default 1.0: at >= 384 a warp to
+    (input_size, input_size), else Resize(int(input_size / crop_pct)); v1 release, datasets.py:
+    Resize(int((256 / 224) * input_size)). torchvision's Resize(int) sets the shorter side and
+    truncates the longer one; CenterCrop(input_size) follows.
+    """
+    height, width = hw
+    if name.startswith('restv2'):
+        if input_size >= 384:
+            return input_size, input_size
+        size = int(input_size / 1.0)
+    else:
+        size = int((256 / 224) * input_size)
+    return (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+
+
+@pytest.mark.parametrize('name', rest_jax.list_models())
+def test_registered_preprocessing_is_the_official_eval(resizes, name):
+    """preprocess(images, variant) resizes and crops as the official evaluation of that family did."""
+    sizes = [224] + ([288, 384, 448] if name.startswith('restv2') else [])
+    for hw in ((375, 500), (500, 333)):
+        image = noise_image(*hw)
+        for size in sizes:
+            resizes.clear()
+            x = inference.preprocess(image, name, input_size=size)
+            new_w, new_h = official_eval_resize(name, hw, size)
+            assert resizes == ([(new_w, new_h)] if (new_w, new_h) != hw[::-1] else [])
+            pil = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
+            left, top = int(round((new_w - size) / 2)), int(round((new_h - size) / 2))
+            expected = np.asarray(pil.crop((left, top, left + size, top + size)), np.float32) / 255
+            np.testing.assert_allclose(x[0] * IMAGENET['std'] + np.array(IMAGENET['mean']), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize('images, model, fragment', [

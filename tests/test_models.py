@@ -320,7 +320,8 @@ def test_state_dict_prefixes_and_wrong_num_classes(v1_reduced):
 
 @pytest.mark.parametrize('remat', ['block', 'dots_with_no_batch_dims_saveable'])
 def test_remat_changes_memory_not_results(remat):
-    """Rematerialised blocks: the same parameter tree, bit-identical gradients and BatchNorm updates."""
+    """Rematerialised blocks: the same parameter tree, the same gradients and BatchNorm updates (to the
+    rounding of a differently fused program)."""
     model = rest_jax.create_model('rest_lite', embed_dims=(8, 16, 32, 64), depths=(1, 2, 1, 1), num_classes=5)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
@@ -336,6 +337,6 @@ def test_remat_changes_memory_not_results(remat):
     plain, rematerialised = [jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(variables['params'], m)
                              for m in (model, remat_model)]
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="remat must be one of none, block"):
         rest_jax.create_model('rest_lite', remat='sometimes')

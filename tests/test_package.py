@@ -45,7 +45,7 @@ def test_one_command_line_entry_point():
                                        text=True, timeout=300)
     bad = run('nonsense')
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and "unknown command 'nonsense'" in bad.stderr
-    for command in ('convert', 'predict', 'export', 'benchmark', 'demo'):
+    for command in ('convert', 'predict', 'export', 'benchmark', 'demo', 'deviceless'):
         help_text = run(command, '--help')
         assert help_text.returncode == 0 and 'usage:' in help_text.stdout, (command, help_text.stderr)
 

@@ -56,7 +56,8 @@ def test_save_pretrained_of_create_model_and_features_model(tmp_path, converted)
     assert pretrained.model_spec(model) == ('restv2_tiny', {})
     backbone, variables = rest_jax.load_pretrained(converted, features_only=True, out_indices=(1, 2, 3))
     meta = rest_jax.save_pretrained(tmp_path / 'backbone', backbone, variables, preprocessing='rest_lite')
-    assert meta['preprocessing']['crop_pct'] == 0.9   # the given preprocessing, with this model's head size
+    assert meta['preprocessing']['crop_pct'] == 0.875   # the given preprocessing (the model's family has 1.0) ...
+    # ... with this model's head size
     assert meta['preprocessing']['num_classes'] == 10
     again, loaded = rest_jax.load_pretrained(tmp_path / 'backbone')
     assert type(again) is rest_jax.models.ResTV2 and _same_arrays(loaded, variables)
@@ -81,10 +82,10 @@ def test_save_pretrained_bad_input(tmp_path, converted):
 
 def test_pretrained_cfg(converted):
     cfg = rest_jax.pretrained_cfg('restv2_tiny')
-    assert cfg.to_dict() == dict(architecture='restv2_tiny', input_size=(3, 224, 224), crop_pct=0.875,
+    assert cfg.to_dict() == dict(architecture='restv2_tiny', input_size=(3, 224, 224), crop_pct=1.0,
                                  crop_mode='center', interpolation='bicubic', mean=(0.485, 0.456, 0.406),
                                  std=(0.229, 0.224, 0.225), num_classes=1000)
-    assert rest_jax.pretrained_cfg('rest_lite').crop_pct == 0.9
+    assert rest_jax.pretrained_cfg('rest_lite').crop_pct == 0.875
     from_dir = rest_jax.pretrained_cfg(converted)
     model, _ = rest_jax.load_pretrained(converted)
     assert from_dir == rest_jax.pretrained_cfg(model) and from_dir.num_classes == 10

@@ -54,9 +54,9 @@ def _train(env, workdir, data_dir, *extra, **kwargs):
     return proc.stdout
 
 
-def _start_and_signal(env, workdir, data_dir, sig):
+def _start_and_signal(env, workdir, data_dir, sig, *extra):
     """Start a run, send `sig` once its checkpoint of step 2 is complete, return (returncode, stdout)."""
-    proc = subprocess.Popen(_command(workdir, data_dir), env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_command(workdir, data_dir, *extra), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     done = Path(workdir) / 'checkpoints' / '2'
     deadline = time.time() + 600

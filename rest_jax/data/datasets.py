@@ -1,14 +1,17 @@
-"""The datasets behind ``config.dataset``, all prepared by TFDS builders into ArrayRecord files.
+"""The datasets behind ``config.dataset``, read by index from ArrayRecord files that TFDS prepared.
 
-* ``imagenet2012``: the real TFDS builder, from the manual-download tars.
+* ``imagenet2012``: the real TFDS builder, from the manual-download tars, or a copy that TFDS
+  already prepared (a team's ``TFDS_DATA_DIR=gs://...``).
 * ``image_folder``: ``<root>/<split>/<class>/<image>`` (the official repo's layout), checked image
   by image while it is prepared.
 * ``digits``: the 1,797 handwritten digits that scikit-learn ships: real images, no network.
 
 Why ArrayRecord: it reads any record by its index, so the training stream can be a pure function
-of (seed, step) (see pipeline.py). The open-source ArrayRecord reader opens local paths only
-(google/array_record#120), so when ``config.data_dir`` is a ``gs://`` path the sources are read
-from there and the prepared files go to the local TFDS directory ($TFDS_DATA_DIR or
+of (seed, step) (see pipeline.py). A copy prepared as TFRecord (TFDS's default) reads only in
+sequence: it is converted once, beside itself or into another directory, by
+``python -m rest_jax.data.convert`` (convert.py). array_record >= 0.8.3 reads ``gs://`` paths, so a
+prepared copy on GCS is read there by every host; it cannot write them, so a dataset prepared here
+from sources on ``gs://`` goes to the local TFDS directory ($TFDS_DATA_DIR or
 ~/tensorflow_datasets).
 """
 
@@ -23,6 +26,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 FILE_FORMAT = 'array_record'
+CONVERT = 'python -m rest_jax.data.convert'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 DATASETS = ('imagenet2012', 'image_folder', 'digits')
@@ -186,12 +190,70 @@ def _checked_jpeg(data: bytes) -> bytes | None:
         return None
 
 
-def _local_data_dir(data_dir):
-    """data_dir for the prepared ArrayRecord files: a local path ($TFDS_DATA_DIR or TFDS's default
-    when data_dir is empty or on gs://)."""
-    if not data_dir or str(data_dir).startswith('gs://'):
-        return os.environ.get('TFDS_DATA_DIR') or None
-    return os.path.expanduser(str(data_dir))
+def _is_remote(path) -> bool:
+    return '://' in str(path)
+
+
+def _local_default() -> str:
+    """The local TFDS directory: $TFDS_DATA_DIR when it is local, else ~/tensorflow_datasets."""
+    env = os.environ.get('TFDS_DATA_DIR')
+    return os.path.expanduser(env if env and not _is_remote(env) else '~/tensorflow_datasets')
+
+
+def _data_dirs(config) -> list[str]:
+    """TFDS data dirs that may hold the prepared copy, in order; the last is where it is prepared.
+
+    imagenet2012 and digits live in config.data_dir (default: $TFDS_DATA_DIR); an image folder's
+    copy in $TFDS_DATA_DIR. A remote one is read where it is, but a copy prepared here goes to the
+    local TFDS directory, since ArrayRecord cannot write gs://.
+    """
+    given = None if config.dataset == 'image_folder' else (config.data_dir or None)
+    first = given or os.environ.get('TFDS_DATA_DIR') or _local_default()
+    if not _is_remote(first):
+        first = os.path.expanduser(str(first))
+        return [first]
+    return [first, _local_default()]
+
+
+def _make_builder(config, data_dir, version=None):
+    """The builder in ``data_dir``; its file format is the prepared copy's (TFRecord if none)."""
+    kwargs = {'data_dir': data_dir}
+    if version is not None:
+        kwargs['version'] = version
+    if config.dataset == 'imagenet2012':
+        return tfds.builder('imagenet2012', **kwargs)
+    if config.dataset == 'digits':
+        return SklearnDigits(**kwargs)
+    return ImageFolder(root=str(config.data_dir), **kwargs)
+
+
+def _prepared_versions(builder) -> list[str]:
+    """Versions of ``builder``'s dataset (and config) prepared in its data dir."""
+    parent = epath.Path(builder.data_dir).parent
+    if not parent.is_dir():
+        return []
+    return sorted(p.name for p in parent.iterdir()
+                  if p.name[:1].isdigit() and (p / 'dataset_info.json').exists())
+
+
+def _readable_version(config, builder, data_dir):
+    """The builder of another prepared version that this TFDS reads, None if none is prepared.
+
+    Raises:
+      ValueError: only versions that this TFDS cannot read are prepared.
+    """
+    found = _prepared_versions(builder)
+    if not found:
+        return None
+    known = [str(builder.canonical_version)] + [str(v) for v in builder.SUPPORTED_VERSIONS]
+    usable = [v for v in known if v in found]  # the newest first
+    if usable:
+        return _make_builder(config, data_dir, version=usable[0])
+    raise ValueError(
+        f'{epath.Path(builder.data_dir).parent} holds {builder.name} version(s) {", ".join(found)}, '
+        f'which tensorflow-datasets {tfds.__version__} cannot read (it reads {", ".join(known)}): '
+        f'install the tensorflow-datasets release that prepared it, or point config.data_dir at '
+        f'an empty directory to prepare version {builder.canonical_version} there')
 
 
 def _check_imagenet_tars(data_dir):
@@ -213,38 +275,79 @@ def _check_imagenet_tars(data_dir):
             'inside); do not extract either tar.')
 
 
+def _with_alternative_formats(builder):
+    """``builder`` with the alternative file formats of its dataset_info.json.
+
+    TFDS 4.9.10 restores them into the info's proto but not into the list that
+    ``available_file_formats()`` and ``as_data_source`` read, for builders defined in code: the
+    ArrayRecord shards that its converter adds beside TFRecord ones would go unseen.
+    """
+    listed = builder.info.alternative_file_formats
+    for value in builder.info.as_proto.alternative_file_formats:
+        file_format = tfds.core.FileFormat.from_value(value)
+        if file_format not in listed:
+            listed.append(file_format)
+    return builder
+
+
 def get_builder(config):
-    """The TFDS builder of ``config.dataset`` (not necessarily prepared; see ``prepare``)."""
+    """The TFDS builder of ``config.dataset``: its prepared copy if there is one (see ``prepare``)."""
     name = config.dataset
-    local = _local_data_dir(config.data_dir)
-    if name == 'imagenet2012':
-        return tfds.builder('imagenet2012', data_dir=local, file_format=FILE_FORMAT)
-    if name == 'digits':
-        return SklearnDigits(data_dir=local, file_format=FILE_FORMAT)
-    if name == 'image_folder':
-        if not config.data_dir:
-            raise ValueError('config.data_dir must name the image folder (train/<class>/*.jpg, '
-                             'val/<class>/*.jpg) when config.dataset is image_folder')
-        return ImageFolder(root=str(config.data_dir), data_dir=_local_data_dir(None),
-                           file_format=FILE_FORMAT)
-    raise ValueError(f'config.dataset={name!r} is not one of {DATASETS}')
+    if name not in DATASETS:
+        raise ValueError(f'config.dataset={name!r} is not one of {DATASETS}')
+    if name == 'image_folder' and not config.data_dir:
+        raise ValueError('config.data_dir must name the image folder (train/<class>/*.jpg, '
+                         'val/<class>/*.jpg) when config.dataset is image_folder')
+    for data_dir in _data_dirs(config):
+        builder = _make_builder(config, data_dir)
+        if not builder.is_prepared():
+            builder = _readable_version(config, builder, data_dir) or builder
+        if builder.is_prepared():
+            return _with_alternative_formats(builder)
+    return builder  # not prepared: in the last directory, where it is prepared
+
+
+def convert_command(config, data_dir=None) -> str:
+    """The command that converts the prepared copy of ``config.dataset`` to ArrayRecord in place."""
+    if config.dataset == 'image_folder':
+        return f'{CONVERT} --dataset=image_folder --data_dir={config.data_dir}'
+    return f'{CONVERT} --dataset={config.dataset} --data_dir={data_dir or config.data_dir}'
+
+
+def file_formats(builder) -> list[str]:
+    """The file formats of ``builder``'s prepared copy (its own, then the alternatives)."""
+    return [str(getattr(f, 'value', f)) for f in builder.info.available_file_formats()]
 
 
 def prepare(config):
     """Prepares ``config.dataset`` once (a no-op when it is ready) and returns its builder.
 
-    On many hosts, run it on each host before training (the ArrayRecord files must be local), or
-    prepare once on a shared file system.
+    A copy in ``config.data_dir`` (or ``$TFDS_DATA_DIR``) is used as it is when it holds ArrayRecord
+    files, local or on gs://. On many hosts, prepare once on storage every host reads (gs://
+    included) or on each host's disk.
+
+    Args:
+      config: the run's ConfigDict (dataset, data_dir).
+
+    Returns:
+      The prepared tfds.core.DatasetBuilder.
+
+    Raises:
+      ValueError: the copy holds only formats that cannot be read by index (the message names the
+        conversion command), or a version this TFDS cannot read.
+      FileNotFoundError: imagenet2012 is not prepared and its tars are not in place.
     """
     builder = get_builder(config)
     if not builder.is_prepared():
         _download_and_prepare(builder, config)
         return builder
-    formats = [str(getattr(f, 'value', f)) for f in builder.info.available_file_formats()]
+    formats = file_formats(builder)
     if FILE_FORMAT not in formats:
-        raise ValueError(f'{builder.data_dir} holds {builder.name} as {formats}, which cannot be '
-                         f'read by index; delete it (or pick another data_dir) so that it is '
-                         f'prepared as {FILE_FORMAT}')
+        root = str(builder.data_dir)[:-len(builder.info.full_name) - 1]  # the TFDS data_dir
+        raise ValueError(f'{builder.data_dir} holds {builder.name} as {"/".join(formats)}, which '
+                         f'is read in sequence only; training reads examples by index: convert it '
+                         f'once to ArrayRecord with `{convert_command(config, root)}` (the '
+                         f'{formats[0]} files stay; --out_dir=DIR writes a separate copy instead)')
     return builder
 
 
@@ -257,7 +360,7 @@ def _download_and_prepare(builder, config):
         _check_imagenet_tars(config.data_dir)
         manual = str(epath.Path(config.data_dir) / 'downloads' / 'manual')
         download_config = tfds.download.DownloadConfig(manual_dir=manual)
-    builder.download_and_prepare(download_config=download_config)
+    builder.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
 
 
 def dataset_info(config) -> DatasetInfo:

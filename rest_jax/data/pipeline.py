@@ -2,13 +2,15 @@
 
 Why resumption needs no iterator state: the stream is indexed, not iterated. Example slot q of
 the run (q = step * global_batch + row) holds example ``index_shuffle(q mod N)`` of the
-permutation seeded by (seed, epoch = q div N), read from the ArrayRecord files by that index;
-its augmentation draws from a stateless seed made of (seed, q), and the Mixup/CutMix draws of a
-host's batch from (seed, step, host). Everything a step yields is thus a function of
-(config, step, process_index, process_count) alone: starting at step s rebuilds exactly what an
-uninterrupted run would yield from s on. Each epoch visits every example once (a full shuffle,
-so config.data.shuffle_buffer is not needed), and the hosts read disjoint rows of each global
-batch.
+permutation seeded by (seed, epoch = q div N), read from the ArrayRecord files by that index (with
+repeated augmentation, a function of (step, row) laid out as DeiT's RASampler: see train_indices);
+its augmentation draws from a stateless seed made of (seed, q), and the Mixup/CutMix draw of each
+group of config.data.mixup_group_size images from (seed, step, the group's global index).
+Everything a step yields is thus a function of (config, step, process_index, process_count) alone,
+and the concatenated hosts yield what one host would: starting at step s rebuilds exactly what an
+uninterrupted run would yield from s on. Each epoch visits every example once (a full shuffle, so
+config.data.shuffle_buffer is not needed; with repeated augmentation x k, N / k of them k times),
+and the hosts read disjoint rows of each global batch.
 """
 
 import atexit
@@ -114,22 +116,79 @@ def _parallel(config):
     return config.data.num_workers if config.data.num_workers > 0 else tf.data.AUTOTUNE
 
 
+def group_size(config):
+    """Images per Mixup/CutMix draw and per repeated-augmentation replica: config.data.mixup_group_size,
+    or the whole micro-batch when that is smaller (a one-host run of a small batch)."""
+    size = min(config.data.mixup_group_size, config.batch_size)
+    if size < 1 or config.batch_size % size:
+        raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of '
+                         f'config.data.mixup_group_size={config.data.mixup_group_size} (the images of one '
+                         'official GPU batch)')
+    return size
+
+
 def train_indices(config, n, step, process_index, process_count):
     """Slots and example indices [L] that host ``process_index`` reads at ``step`` (tf int64).
 
-    Slot q = step * global rows + host offset + row; epoch q // n visits the examples in the
-    order of a stateless permutation seeded by (seed, epoch).
+    Slot q = step * global rows + host offset + row (it seeds the augmentation). Without repeated
+    augmentation, epoch q // n visits the examples in the order of a stateless permutation seeded by
+    (seed, epoch), at q mod n. With config.data.repeated_aug = k > 1 it is DeiT's RASampler, which
+    v1's main.py trains with: an epoch is n // (global rows) updates, each using the next global
+    rows of the permutation with every entry repeated k times, and the sampler's replicas (here the
+    groups of group_size images of each micro-batch) take every R-th position of it (R replicas), so
+    the k copies of an image land in different groups and get different augmentations.
     """
     rows = config.batch_size * config.update_freq // process_count
+    total = rows * process_count
     step = tf.cast(step, tf.int64)
-    slots = step * rows * process_count + process_index * rows + tf.range(rows, dtype=tf.int64)
-    epoch = slots // n
+    local = process_index * rows + tf.range(rows, dtype=tf.int64)  # global rows of this update
+    slots = step * total + local
+    repeats = config.data.repeated_aug
+    if repeats > 1:
+        g, batch, micro = group_size(config), config.batch_size, config.update_freq
+        replicas = batch // g
+        m, u = local % micro, local // micro  # micro-batch m, its row u: row u % g of replica u // g
+        steps_per_epoch = max(n // total, 1)
+        epoch = step // steps_per_epoch
+        position = (step - epoch * steps_per_epoch) * total + m * batch + (u % g) * replicas + u // g
+        order = (position // repeats) % n
+        epoch = tf.fill([rows], epoch)
+    else:
+        epoch, order = slots // n, slots % n
     # The raw op: tf.random.experimental.index_shuffle mangles a batch of [n, 2] seeds.
     seed = tf.stack([tf.fill([rows], tf.constant(config.seed * 3 + _SHUFFLE, tf.int64)), epoch,
                      tf.zeros([rows], tf.int64)], axis=1)
-    index = tf.raw_ops.RandomIndexShuffle(index=slots % n, seed=seed,
+    index = tf.raw_ops.RandomIndexShuffle(index=order, seed=seed,
                                           max_index=tf.fill([rows], tf.constant(n - 1, tf.int64)))
     return slots, index
+
+
+def mix_groups(config, process_index, process_count):
+    """(rows mixed together, the global group index of each such unit, groups per update) for Mixup/CutMix.
+
+    Group k of micro-batch m holds its rows [k g, (k + 1) g); its global index is m * (batch_size / g)
+    + k, so its draw (mix or not, mixup or cutmix, lam, box) is a function of (seed, step, global
+    index), whichever host holds it. When a host holds whole groups, each pairs row i with row
+    g - 1 - i as timm does, and the stream equals a one-host run's bit for bit. When a group spans
+    several hosts (more hosts than groups per micro-batch, e.g. 2048 images on 16 hosts), each host
+    holds a slice of it: the slice takes the group's draw and pairs its rows within the slice. Every
+    image is still mixed with another image of its group of g, with the group's lam and kind, so the
+    per-image mixing statistics are those of the official per-GPU batches; only which image of the
+    (shuffled) group is the partner differs from a one-host run.
+    """
+    g = group_size(config)
+    host_rows = config.batch_size // process_count
+    per_micro, micro = config.batch_size // g, config.update_freq
+    if host_rows % g == 0:
+        blocks = host_rows // g
+        ids = [m * per_micro + process_index * blocks + a for a in range(blocks) for m in range(micro)]
+        return g, ids, per_micro * micro
+    if g % host_rows:
+        raise ValueError(f'each host holds {host_rows} images of a micro-batch (config.batch_size='
+                         f'{config.batch_size} over {process_count} hosts): config.data.mixup_group_size='
+                         f'{config.data.mixup_group_size} must be a multiple or a divisor of {host_rows}')
+    group = process_index * host_rows // g    # the group this host's slice belongs to
+    return host_rows, [m * per_micro + group for m in range(micro)], per_micro * micro
 
 
 def train_dataset(config, *, start_step=0, process_index=None, process_count=None):
@@ -159,11 +218,16 @@ def train_dataset(config, *, start_step=0, process_index=None, process_count=Non
                                         data, size)
         return {'image': image, 'label': label, 'step': element['step']}
 
+    mixing = (data.mixup > 0 or data.cutmix > 0) and data.mixup_prob > 0
+    g, group_ids, total_groups = mix_groups(config, p, count) if mixing else (None, None, None)
+
     def mix(batch):
-        seed = _stream_seed(config, _MIX, batch['step'][0] * count + p)
+        seed = _stream_seed(config, _MIX, batch['step'][0])
         images, targets, _ = mixup.mix_batch(
-            batch['image'], batch['label'], seed, num_classes=num_classes, groups=groups,
-            mixup_alpha=data.mixup, cutmix_alpha=data.cutmix, prob=data.mixup_prob,
+            batch['image'], batch['label'], seed, num_classes=num_classes, micro_batches=groups,
+            group_size=g, group_ids=group_ids, total_groups=total_groups,
+            mixup_alpha=data.mixup if mixing else 0.0, cutmix_alpha=data.cutmix if mixing else 0.0,
+            prob=data.mixup_prob,
             switch_prob=data.mixup_switch_prob, smoothing=data.label_smoothing)
         return {'image': images, 'label': targets}
 
@@ -190,7 +254,8 @@ def train_iterator(config, *, start_step=0, process_index=None, process_count=No
       An iterator of
       {'image': float32 [L, S, S, 3] normalized, 'label': float32 [L, num_classes] soft targets}
       with L = batch_size * update_freq // process_count; row r belongs to micro-batch
-      r % update_freq, and Mixup/CutMix mixes within each micro-batch's rows of this host.
+      r % update_freq, and Mixup/CutMix mixes within groups of config.data.mixup_group_size
+      consecutive rows of a micro-batch (see mix_groups).
     """
     dataset = train_dataset(config, start_step=start_step, process_index=process_index,
                             process_count=process_count)

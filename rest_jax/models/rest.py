@@ -168,9 +168,11 @@ class ResT(Backbone):
 
 
 def _v1(name: str, top1: float, gflops: float, **arch) -> None:
-    # The official v1 variants share these; the default_cfg of models/rest.py gives crop_pct 0.9.
+    # The official v1 variants share these. The v1 release's datasets.py evaluates with
+    # Resize(int(256 / 224 * size)) + CenterCrop(size), i.e. crop_pct 0.875 (the unused default_cfg of
+    # models/rest.py says 0.9).
     arch = dict(mlp_ratios=(4, 4, 4, 4), qkv_bias=True, sr_ratios=(8, 4, 2, 1), apply_transform=True, **arch)
-    register_model(ModelInfo(name, ResT, arch, top1=top1, gflops=gflops, crop_pct=0.9))
+    register_model(ModelInfo(name, ResT, arch, top1=top1, gflops=gflops, crop_pct=0.875))
 
 
 #   name          top-1  GFLOPs  embed_dims              num_heads      depths

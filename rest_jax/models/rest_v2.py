@@ -140,10 +140,11 @@ class ResTV2(Backbone):
 
 
 def _v2(name: str, top1: float, gflops: float, **arch) -> None:
-    # models/rest_v2.py has no default_cfg; its main.py evaluates with Resize(int(256 / 224 * size)),
-    # i.e. crop_pct 0.875.
+    # The v2 release's main.py evaluates with --crop_pct 1.0 (its default; the README's eval command does
+    # not set it): datasets.py resizes the shorter side to int(224 / 1.0) = 224 and centre-crops 224, and
+    # warps to a square at >= 384.
     register_model(ModelInfo(name, ResTV2, dict(sr_ratios=(8, 4, 2, 1), **arch), top1=top1, gflops=gflops,
-                             crop_pct=0.875))
+                             crop_pct=1.0))
 
 
 #   name            top-1  GFLOPs  embed_dims                num_heads         depths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import platform
 
 
 def strided_conv_gradient_form(channels: int, ho: int, wo: int, avx512: bool) -> str:
@@ -20,10 +21,36 @@ def strided_conv_gradient_form(channels: int, ho: int, wo: int, avx512: bool) ->
 
 
 @functools.cache
-def host_has_avx512() -> bool:
-    """Whether this host's CPU has AVX-512 (Linux's /proc/cpuinfo; False where it cannot tell)."""
+def host_cpu() -> dict[str, str]:
+    """This host's CPU as /proc/cpuinfo names it: vendor, family, model, name and the widest vector ISA
+    ('avx512', 'avx2', 'sse2' or, off Linux x86, 'unknown'), so that figures from different machines
+    can be told apart."""
+    fields: dict[str, str] = {}
     try:
         with open('/proc/cpuinfo') as f:
-            return 'avx512f' in f.read().split()
+            for line in f:
+                key, sep, value = line.partition(':')
+                if not sep:
+                    if fields:
+                        break   # the first processor is enough
+                    continue
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return False
+        pass
+    flags = set(fields.get('flags', '').split())
+    isa = ('avx512' if 'avx512f' in flags else 'avx2' if 'avx2' in flags else 'sse2' if 'sse2' in flags
+           else 'unknown')
+    return {'vendor': fields.get('vendor_id', 'unknown'), 'family': fields.get('cpu family', '?'),
+            'model': fields.get('model', '?'), 'name': fields.get('model name', platform.processor() or 'unknown'),
+            'isa': isa}
+
+
+def describe_cpu(cpu: dict[str, str] | None = None) -> str:
+    """'AMD EPYC (AuthenticAMD family 25 model 17, avx512)'."""
+    cpu = cpu or host_cpu()
+    return f"{cpu['name']} ({cpu['vendor']} family {cpu['family']} model {cpu['model']}, {cpu['isa']})"
+
+
+def host_has_avx512() -> bool:
+    """Whether this host's CPU has AVX-512 (Linux's /proc/cpuinfo; False where it cannot tell)."""
+    return host_cpu()['isa'] == 'avx512'

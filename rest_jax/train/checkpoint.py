@@ -27,7 +27,8 @@ class Checkpoints:
             policies.BestN(get_metric_fn=lambda m: m[metric], n=1, keep_checkpoints_without_metrics=False)])
         options = ocp.CheckpointManagerOptions(preservation_policy=keep_policy, enable_async_checkpointing=True,
                                                cleanup_tmp_directories=True, create=True)
-        self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+        root = workdir if '://' in str(workdir) else os.path.abspath(workdir)   # Orbax writes gs:// itself
+        self.directory = os.path.join(root, 'checkpoints')
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state',))
 
     def latest_step(self) -> int | None:

@@ -32,7 +32,7 @@ def model_spec(config, workdir: str) -> tuple[str, dict[str, Any], str | None]:
     if meta is not None:
         return meta['model'], dict(meta['config']), None
     if config.init_from:
-        source = pretrained.read_metadata(os.path.abspath(config.init_from))
+        source = pretrained.read_metadata(config.init_from)
         if source is None:
             raise ValueError(f'config.init_from={config.init_from!r} is neither a converted checkpoint nor a training '
                              f'workdir (no {pretrained.METADATA}); convert official weights with python -m rest_jax.convert')
@@ -48,6 +48,15 @@ def model_spec(config, workdir: str) -> tuple[str, dict[str, Any], str | None]:
     if config.model.num_classes != model_info(config.model.name).num_classes:
         overrides['num_classes'] = config.model.num_classes
     return config.model.name, overrides, note
+
+
+def build_model(config, name: str, overrides: dict[str, Any], devices) -> Any:
+    """The model a run trains: `create_model(name, **overrides)` with the config's drop path, dtype and
+    remat, and the kernel forms for `devices`, the devices the step is compiled for (never the host's
+    default backend: a TPU program compiled on a CPU host must not get the CPU forms)."""
+    impl = ops.resolve(config.model.conv_impl or config.model.impl, devices)
+    return create_model(name, **overrides, drop_path_rate=config.model.drop_path_rate,
+                        dtype=jnp.dtype(config.dtype), impl=impl, remat=config.model.remat)
 
 
 def _initial_variables(config, model, image_size: int) -> dict[str, Any]:
@@ -116,7 +125,7 @@ def run(config, workdir: str) -> dict[str, float]:
     if config.init_from is None:  # the fine-tuning configs leave it unset on purpose
         raise ValueError('this config fine-tunes a trained model: pass --config.init_from=DIR (a training workdir '
                          "or a converted checkpoint), or --config.init_from='' to train from scratch")
-    workdir = os.path.abspath(workdir)
+    workdir = workdir if '://' in str(workdir) else os.path.abspath(workdir)  # gs:// stays a URL
     info = data.dataset_info(config)
     if config.model.num_classes != info.num_classes:
         raise ValueError(f'config.model.num_classes={config.model.num_classes} but {config.dataset} has '
@@ -128,10 +137,7 @@ def run(config, workdir: str) -> dict[str, float]:
 
     name, overrides, note = model_spec(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
-    # The kernel forms for the devices this program runs on (never the host's default backend).
-    impl = ops.resolve(config.model.conv_impl or config.model.impl, mesh.devices)
-    model = create_model(name, **overrides, drop_path_rate=config.model.drop_path_rate,
-                         dtype=jnp.dtype(config.dtype), impl=impl, remat=config.model.remat)
+    model = build_model(config, name, overrides, mesh.devices)
     eval_model = model
     tx, lr_fn = optimizer.make_optimizer(config, steps_per_epoch, total_steps)
     if config.batch_size % mesh.size:
@@ -162,11 +168,7 @@ def run(config, workdir: str) -> dict[str, float]:
         pretrained.write_workdir_metadata(workdir, name, overrides, preprocessing, config.to_json_best_effort(indent=2) + '\n')
     mlog.log(f'{name} {overrides or ""}\n' + mlog.parameter_table(state_lib.count_by_stage(state.params)))
 
-    train_step = jax.jit(step_lib.make_train_step(model, tx, lr_fn, update_freq=config.update_freq,
-                                                  ema_decay=config.ema_decay, seed=config.seed,
-                                                  batch_sharding=batch_sharding),
-                         in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    train_step = step_lib.jit_train_step(model, tx, lr_fn, config, mesh, shardings)
     eval_step = jax.jit(step_lib.make_eval_step(eval_model))
 
     writer = mlog.MetricWriter(workdir, total_steps)

@@ -2,17 +2,20 @@
 
 TensorBoard goes through tensorboardX: a small, pure-Python event writer that needs neither
 tensorflow nor torch, so logging works in runs (and tests) that never import tensorflow.
-Only process 0 writes; the others are silent.
+Only process 0 writes; the others are silent. A workdir may be a gs:// path: both files are then
+written through etils.epath (tf.io.gfile underneath, imported only when such a path is used).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
 import time
 from typing import Any
 
+from etils import epath
 import jax
 
 
@@ -20,6 +23,49 @@ def _format_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rest = divmod(seconds, 3600)
     return f'{h}:{rest // 60:02d}:{rest % 60:02d}' if h else f'{rest // 60}:{rest % 60:02d}'
+
+
+def _is_remote(path: str) -> bool:
+    return '://' in str(path)
+
+
+class _RewrittenFile:
+    """Appends to a file on an object store (GCS objects cannot be appended to): the whole content
+    is kept and written again at each flush. Logs of scalars stay small (well under a megabyte for a
+    300-epoch run logged every 100 steps), so the rewrite costs less than a step."""
+
+    def __init__(self, path: str, binary: bool = False):
+        self._path = epath.Path(path)
+        self._binary = binary
+        existing = self._path.read_bytes() if self._path.exists() else b''  # a resumed run appends
+        self._buffer = io.BytesIO(existing)
+        self._buffer.seek(0, io.SEEK_END)
+
+    def write(self, data) -> None:
+        self._buffer.write(data if self._binary else data.encode())
+
+    def flush(self) -> None:
+        self._path.write_bytes(self._buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _RewrittenEventFiles:
+    """tensorboardX writer factory for gs:// logdirs through epath (tensorboardX's own needs the
+    google-cloud-storage package)."""
+
+    def open(self, path):
+        return _RewrittenFile(path, binary=True)
+
+    def directory_check(self, path):
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _open_append(path: str):
+    if _is_remote(path):
+        return _RewrittenFile(path)
+    return open(path, 'a')
 
 
 class MetricWriter:
@@ -32,10 +78,14 @@ class MetricWriter:
         self._tb = None
         self._file = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._file = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+            self._file = _open_append(os.path.join(workdir, 'metrics.jsonl'))
             if tensorboard:
                 from tensorboardX import SummaryWriter
+                if _is_remote(workdir):
+                    from tensorboardX import record_writer
+                    scheme = str(workdir).split('://')[0]
+                    record_writer.register_writer_factory(scheme, _RewrittenEventFiles())
                 self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:

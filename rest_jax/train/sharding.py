@@ -31,11 +31,18 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     n, fsdp = len(devices), int(mesh_config.fsdp)
     data = n // fsdp if mesh_config.data == -1 else int(mesh_config.data)
     if fsdp < 1 or data < 1 or data * fsdp != n:
+        sizes = ', '.join(str(f) for f in range(1, n + 1) if n % f == 0)
         raise ValueError(f'config.mesh data={mesh_config.data} x fsdp={mesh_config.fsdp} does not fit {n} devices; '
-                         f'set --config.mesh.data=-1 or make data * fsdp == {n}')
+                         f'set --config.mesh.data=-1 with an fsdp size of {sizes}')
     if devices[0].platform == 'tpu':
         from jax.experimental import mesh_utils  # physical-topology-aware order on TPU slices
-        grid = mesh_utils.create_device_mesh((data, fsdp), devices)
+        try:
+            grid = mesh_utils.create_device_mesh((data, fsdp), devices)
+        except NotImplementedError:
+            # No whole physical axes multiply to this fsdp size (8 on a 4x4x4 slice): split one. An fsdp
+            # group then spans a block of neighbouring chips (4x2 on 4x4x4), so its gathers and
+            # reductions still travel only over direct chip-to-chip links.
+            grid = mesh_utils.create_device_mesh((data, fsdp), devices, allow_split_physical_axes=True)
     else:
         # Process-major order: process p's devices hold the p-th contiguous block of the global batch,
         # so the host-local rows of the input pipeline land on the host's own devices.

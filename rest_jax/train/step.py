@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from rest_jax.train import sharding
 from rest_jax.train.state import TrainState
 
 
@@ -85,6 +86,27 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedu
         return state, metrics
 
     return train_step
+
+
+def jit_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedule, config, mesh,
+                   shardings: Any) -> Callable:
+    """The train step jitted over `mesh` exactly as train.py runs it (and as rest_jax.deviceless compiles it).
+
+    Args:
+      model, tx, lr_fn: the model and the optimizer with its schedule (rest_jax.train.optimizer).
+      config: the run's config (update_freq, ema_decay, seed).
+      mesh: the ('data', 'fsdp') device mesh.
+      shardings: the train state's NamedShardings (state.create_state or abstract_state).
+
+    Returns:
+      jitted train_step(state, batch) -> (state, metrics): the state donated and kept in `shardings`,
+      the batch split over every device, the metrics replicated.
+    """
+    batch = sharding.batch_sharding(mesh)
+    step = make_train_step(model, tx, lr_fn, update_freq=config.update_freq, ema_decay=config.ema_decay,
+                           seed=config.seed, batch_sharding=batch)
+    return jax.jit(step, in_shardings=(shardings, batch), out_shardings=(shardings, sharding.replicated(mesh)),
+                   donate_argnums=0)
 
 
 def make_eval_step(model) -> Callable:

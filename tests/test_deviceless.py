@@ -1,0 +1,118 @@
+"""rest_jax.deviceless: train.py's step compiled for a TPU slice on a CPU-only host (needs libtpu)."""
+
+import importlib.util
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import REPO
+from rest_jax import deviceless
+from rest_jax.train import sharding
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                                  reason='libtpu not installed (pip install -r requirements-tpu.txt)')
+TARGET = 'v5e:2x2'  # 4 chips: the smallest slice with both a data and an fsdp axis
+# A reduced restv2_tiny: every kind of layer, one block per stage; compiling it takes well under a minute.
+REDUCED = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_classes=10)
+
+
+def compile_reduced(fsdp: int, batch_per_chip: int):
+    ct = deviceless.compile_for_target(TARGET, 'restv2_tiny', 'train', batch_per_chip, fsdp=fsdp, image_size=64,
+                                       **REDUCED)
+    return ct, deviceless.report(ct)
+
+
+# 64 images per chip: with much fewer, the stage-4 activations are smaller than its weights and XLA
+# rightly gathers activations instead of weights under fsdp; real batches are far past that point.
+PER_CHIP = 64
+
+
+@pytest.fixture(scope='module')
+def data_parallel():
+    return compile_reduced(fsdp=1, batch_per_chip=PER_CHIP)
+
+
+@pytest.fixture(scope='module')
+def fsdp2():
+    return compile_reduced(fsdp=2, batch_per_chip=PER_CHIP)
+
+
+def sharded_layers(ct) -> set[str]:
+    """'stage4_0/attn/q'-style paths of the parameters the state shards over 'fsdp'."""
+    state = jax.tree_util.tree_flatten_with_path(ct.compiled.input_shardings[0][0].params)[0]
+    return {'/'.join(k.key for k in path[:-1]) for path, s in state if 'fsdp' in str(s.spec)}
+
+
+@needs_libtpu
+def test_data_parallel_train_step(data_parallel):
+    ct, r = data_parallel
+    assert r['device_kind'] == 'TPU v5 lite' and r['chips'] == 4 and r['mesh'] == {'data': 4, 'fsdp': 1}
+    # The kernel forms follow the target, not this CPU host: the portable ones, no CPU fence in the program.
+    assert ct.model.impl == r['impl'] == 'xla' and 'reduce-precision' not in ct.compiled.as_text()
+    images = ct.compiled.input_shardings[0][1]['image']
+    assert images.spec[0] == ('data', 'fsdp') and images.shard_shape((4 * PER_CHIP, 64, 64, 3))[0] == PER_CHIP
+    # Pure data parallelism: the gradients (and the BatchNorm statistics, taken over the global batch)
+    # are summed over all four chips, and nothing else crosses between chips.
+    assert set(r['collectives']) == {'all-reduce'}
+    assert 4 in r['collectives']['all-reduce']['group_sizes']
+    assert r['collectives']['all-reduce']['bytes'] >= 2 * r['params']  # at least a bfloat16 copy of every gradient
+    m = r['memory']
+    assert m['argument'] > 0 and m['peak'] >= m['argument'] and m['alias'] > 0  # the state is donated
+    assert 0.9 < r['flops_ratio'] < 1.5 and r['bytes_accessed'] > 0
+    assert r['roofline']['step_s'] > 0 and 0 < r['mfu_roofline'] < 1 and len(r['top_bytes']) == 10
+
+
+@needs_libtpu
+def test_fsdp_train_step(fsdp2, data_parallel):
+    ct, r = fsdp2
+    assert r['mesh'] == {'data': 2, 'fsdp': 2}
+    assert ct.compiled.input_shardings[0][1]['image'].spec[0] == ('data', 'fsdp')
+    assert set(r['collectives']) <= {'all-gather', 'all-reduce', 'reduce-scatter'}
+    gathers = r['collectives']['all-gather']
+    assert gathers['group_sizes'] == [2]  # within an fsdp group
+    # What is gathered is the sharded weights, each in the forward and again in the backward pass.
+    layers = sharded_layers(ct)
+    gathered = {s.removeprefix('bwd ').rsplit('/', 1)[0] for s in gathers['sources']}
+    assert layers and gathered == layers, (gathered, layers)
+    # The parameters, their EMA and the Adam moments are stored sharded: less state per chip.
+    assert r['memory']['argument'] < data_parallel[1]['memory']['argument']
+
+
+@needs_libtpu
+def test_pod_meshes():
+    """Every fsdp size that divides a 64-chip v5p slice gives a mesh; 8 needs a split physical axis and
+    still keeps each fsdp group on a compact block of neighbouring chips."""
+    devices = deviceless.topology_devices('v5p:4x4x4')
+    for fsdp in (1, 2, 4, 8, 16, 32, 64):
+        mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': fsdp}), devices)
+        assert dict(mesh.shape) == {'data': 64 // fsdp, 'fsdp': fsdp}
+        for group in mesh.devices:
+            coords = np.array([d.coords for d in group])
+            assert np.prod(coords.max(0) - coords.min(0) + 1) == fsdp  # a box of exactly the group's chips
+    with pytest.raises(ValueError, match='fsdp size of 1, 2, 4, 8, 16, 32, 64$'):
+        sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 3}), devices)
+
+
+@needs_libtpu
+def test_bad_targets_and_batches():
+    with pytest.raises(deviceless.TargetError, match='accepted forms') as bad:
+        deviceless.topology_devices('v5p-16')
+    assert '\n' not in str(bad.value)
+    with pytest.raises(deviceless.TargetError, match='does not divide over the 4 devices') as bad:
+        deviceless.compile_for_target(TARGET, 'restv2_tiny', batch_size=6, **REDUCED)
+    assert '\n' not in str(bad.value)
+    result = subprocess.run([sys.executable, '-m', 'rest_jax.deviceless', '--target', 'v9z:2x2'], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == ''
+    assert result.stderr.startswith('error: unknown TPU topology') and len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_libtpu_missing(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'libtpu' else find_spec(name, *a))
+    with pytest.raises(deviceless.TargetError, match=r'pip install -r requirements-tpu.txt$'):
+        deviceless.topology_devices(TARGET)
