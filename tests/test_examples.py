@@ -56,6 +56,13 @@ def test_backbone_guide_runs(workspace, monkeypatch, capsys):
     assert ns['probs'].shape == (3, 5) and np.allclose(np.asarray(ns['probs']).sum(-1), 1, atol=1e-5)
     assert ns['serve'].metadata['platforms'] == ['cpu', 'cuda', 'tpu']
     assert 'cat.jpg' in capsys.readouterr().out   # predict's report
+    # The README's short form of this guide (its python blocks that load a backbone or an artifact) runs too.
+    for code in re.findall(r'```python\n(.*?)```', (REPO / 'README.md').read_text(), re.S):
+        if 'features_only=True' in code or 'load_exported' in code:
+            readme: dict = {}
+            exec(compile(code, 'README.md', 'exec'), readme)
+            if 'feats' in readme:
+                assert [f.shape[-1] for f in readme['feats']] == readme['backbone'].feature_info.channels()
 
 
 def test_nnx_finetune_example(workspace):
