@@ -2,6 +2,7 @@
 
     python -m rest_jax convert SRC.pth DST            # official checkpoint -> rest_jax directory
     python -m rest_jax predict --checkpoint DIR a.jpg  # top-k classes of images
+    python -m rest_jax export --checkpoint DIR --out F # a serving artifact (jax.export) and F.json
     python -m rest_jax benchmark --model restv2_tiny   # throughput, memory, FLOPs
     python -m rest_jax demo                            # the variant table and a forward pass
     python -m rest_jax deviceless --target v5p:2x2x2   # a TPU slice's program, compiled without a TPU
@@ -15,6 +16,7 @@ import sys
 COMMANDS = {
     'convert': 'rest_jax.convert.__main__',
     'predict': 'rest_jax.inference',
+    'export': 'rest_jax.export',
     'benchmark': 'rest_jax.benchmark',
     'demo': 'rest_jax.demo',
     'deviceless': 'rest_jax.deviceless',

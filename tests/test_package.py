@@ -1,5 +1,6 @@
 """The package as a user meets it: imports without tensorflow/torch, and the README's claims."""
 
+import os
 import re
 import subprocess
 import sys
@@ -44,6 +45,54 @@ def test_one_command_line_entry_point():
                                        text=True, timeout=300)
     bad = run('nonsense')
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and "unknown command 'nonsense'" in bad.stderr
-    for command in ('convert', 'predict', 'benchmark', 'demo', 'deviceless'):
+    for command in ('convert', 'predict', 'export', 'benchmark', 'demo', 'deviceless'):
         help_text = run(command, '--help')
         assert help_text.returncode == 0 and 'usage:' in help_text.stdout, (command, help_text.stderr)
+
+
+def test_pip_install_then_import_from_another_directory(tmp_path):
+    """`pip install .` builds a package that imports from anywhere, with its data file and console script.
+
+    Built without dependencies and without build isolation into a target directory, reusing this
+    environment's packages: the same wheel a fresh `pip install .` makes, without a network or a new venv.
+    """
+    import shutil
+    src = tmp_path / 'src'
+    src.mkdir()
+    for name in ('pyproject.toml', 'README.md'):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / 'rest_jax', src / 'rest_jax', ignore=shutil.ignore_patterns('__pycache__'))
+    site = tmp_path / 'site'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation',
+                    '--target', str(site), str(src)], check=True, capture_output=True, timeout=300)
+    assert sorted(p.name for p in site.iterdir() if not p.name.endswith('.dist-info')) == ['bin', 'rest_jax']
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env['PYTHONPATH'] = str(site)
+    code = ("import rest_jax\n"
+            "print(rest_jax.__file__)\n"
+            "print(len(rest_jax.imagenet_class_names()), len(rest_jax.list_models()), rest_jax.__version__)")
+    away = tmp_path / 'elsewhere'
+    away.mkdir()
+    out = subprocess.run([sys.executable, '-c', code], cwd=away, env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    assert out == [str(site / 'rest_jax' / '__init__.py'), '1000', '8', rest_jax_version()]
+    script = subprocess.run([sys.executable, str(site / 'bin' / 'rest-jax'), 'nonsense'], cwd=away, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert script.returncode == 2 and 'usage: python -m rest_jax' in script.stderr
+
+
+def rest_jax_version() -> str:
+    return re.search(r"__version__ = '([^']+)'", (REPO / 'rest_jax' / '__init__.py').read_text()).group(1)
+
+
+def test_import_is_lazy():
+    """`import rest_jax` loads no flax, orbax or Pillow until a name that needs them is used."""
+    code = ("import sys, rest_jax\n"
+            "assert not [m for m in ('flax', 'orbax', 'PIL', 'rest_jax.models') if m in sys.modules]\n"
+            "assert rest_jax.create_model is rest_jax.models.create_model and 'flax' in sys.modules\n"
+            "assert set(rest_jax.__all__) <= set(dir(rest_jax))\n"
+            "import rest_jax.models.layers\n"
+            "assert all(getattr(rest_jax, name) is not None for name in rest_jax.__all__)\n"
+            "try:\n    rest_jax.no_such_name\nexcept AttributeError as e:\n    assert 'no_such_name' in str(e)\n"
+            "else:\n    raise AssertionError")
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 
 from rest_jax import ops
-from rest_jax.models.backbone import remat_policy
+from rest_jax.models.backbone import (FeatureInfo, check_feature_norm, check_out_indices, features_class,
+                                      remat_policy)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,27 +64,37 @@ def model_args(cls: type[nn.Module]) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ('parent', 'name')]
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
+def create_model(name: str, *, features_only: bool = False, out_indices: Sequence[int] | None = None,
+                 feature_norm: bool = False, **kwargs: Any) -> nn.Module:
     """Build a registered variant.
 
     Args:
       name: one of `list_models()`.
-      **kwargs: overrides of the variant's arguments, e.g. `num_classes`, `drop_path_rate`,
-        `dtype` (computation dtype; parameters stay float32), `impl` (kernel forms: 'auto' |
-        'xla' | 'cpu', see rest_jax.ops; `conv_impl` is its former name), `remat` ('none', 'block'
-        or a jax.checkpoint_policies name: recompute blocks in the backward pass), or the architecture
-        itself (`embed_dims`, `depths`, `num_heads`, `sr_ratios`, ...).
+      features_only: build the backbone form (timm's `features_only`): the module returns a list of
+        stage outputs (NHWC) instead of logits, has the same parameter names (the head and, without
+        `feature_norm`, the final norm unused), and carries `feature_info`.
+      out_indices: with features_only, the stages to return: 0..3 = strides 4, 8, 16, 32 (default all;
+        negative indices count from the end). Stages after the last one chosen are not computed.
+      feature_norm: with features_only, apply the model's final norm to stage 3's output. ResT has no
+        per-stage norms, so stages 0..2 are returned as their blocks leave them either way; requires
+        3 in out_indices.
+      **kwargs: overrides of the variant's arguments, e.g. `num_classes` (0: no head, `__call__` gives
+        the pooled features), `drop_path_rate`, `dtype` (computation dtype; parameters stay float32),
+        `impl` (kernel forms: 'auto' | 'xla' | 'cpu', see rest_jax.ops; `conv_impl` is its former name),
+        `remat` ('none', 'block' or a jax.checkpoint_policies name: recompute blocks in the backward
+        pass), or the architecture itself (`embed_dims`, `depths`, `num_heads`, `sr_ratios`, ...).
 
     Returns:
       An unbound flax.linen Module; `model.init(rng, images)` gives {'params', 'batch_stats'}.
 
     Raises:
-      ValueError: unknown name, unknown argument, or an inconsistent architecture.
+      ValueError: unknown name, unknown argument, or an inconsistent architecture or stage choice.
     """
     info = model_info(name)
     valid = model_args(info.cls)
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
+        valid = [*valid, 'features_only', 'out_indices', 'feature_norm']
         raise ValueError(f'unknown argument(s) {", ".join(unknown)} for {name}; valid: {", ".join(valid)}')
     args = {**info.arch, **kwargs}
     if 'remat' in args:
@@ -99,4 +110,31 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     for dim, heads in zip(args.get('embed_dims', ()), args.get('num_heads', ())):
         if heads < 1 or dim % heads:
             raise ValueError(f'embed_dims {args["embed_dims"]} must be divisible by num_heads {args["num_heads"]}')
-    return info.cls(**args)
+    if not features_only:
+        if out_indices is not None or feature_norm:
+            raise ValueError('out_indices and feature_norm select stage outputs: pass features_only=True too')
+        return info.cls(**args)
+    out_indices = check_out_indices((0, 1, 2, 3) if out_indices is None else out_indices)
+    check_feature_norm(out_indices, feature_norm)
+    return features_class(info.cls)(**args, out_indices=out_indices, feature_norm=bool(feature_norm))
+
+
+def feature_info(model: str | nn.Module, out_indices: Sequence[int] | None = None, **kwargs: Any) -> FeatureInfo:
+    """Channels and reduction (stride) of the stage outputs, timm's `feature_info`.
+
+    Args:
+      model: a variant name (then `kwargs` are create_model overrides, e.g. `embed_dims`) or a model.
+      out_indices: the stages to describe (default: those the model returns, all four for a classifier).
+
+    Returns:
+      A FeatureInfo: `.channels()`, `.reduction()`, `.module_name()` (lists over the stages, or one
+      value with an index), `.out_indices`, `.get_dicts()`.
+    """
+    if isinstance(model, str):
+        model = create_model(model, **kwargs)
+    elif kwargs:
+        raise ValueError(f'create_model overrides ({", ".join(kwargs)}) go with a variant name, not a model')
+    info = model.feature_info
+    if out_indices is None:
+        return info
+    return dataclasses.replace(info, out_indices=check_out_indices(out_indices))

@@ -60,32 +60,29 @@ def build_model(config, name: str, overrides: dict[str, Any], devices) -> Any:
 
 
 def _initial_variables(config, model, image_size: int) -> dict[str, Any]:
-    """Random variables, with init_from's weights merged in; a head of another size stays random."""
-    fresh = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, image_size, image_size, 3)))
-    _, loaded = pretrained.load_pretrained(config.init_from, ema=config.init_from_ema)
-    flat_fresh = dict(jax.tree_util.tree_flatten_with_path(fresh)[0])
-    flat_loaded = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
-    merged, reinit = [], []
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
-    for path, value in leaves:
-        name = jax.tree_util.keystr(path)
-        source = flat_loaded.get(path)
-        if source is None:
-            raise ValueError(f'init_from: {config.init_from} has no {name}')
-        if source.shape != value.shape:
-            if 'head' not in name:
-                raise ValueError(f'init_from: {name} has shape {source.shape} there, {value.shape} here')
-            reinit.append(f'{name} {source.shape} -> {value.shape}')
-            merged.append(value)
-        else:
-            merged.append(jnp.asarray(source, value.dtype))
-    extra = set(flat_loaded) - set(flat_fresh)
+    """init_from's weights; a head of another size replaced by a fresh one (rest_jax.reset_classifier)."""
+    loaded_model, loaded = pretrained.load_pretrained(config.init_from, ema=config.init_from_ema)
+    old_head = loaded['params'].get('head', {})
+    if loaded_model.num_classes != model.num_classes:
+        # The key of a fresh run's init: the new head is the one model.init would have given.
+        _, loaded = pretrained.reset_classifier(loaded_model, loaded, model.num_classes, jax.random.key(config.seed))
+    new_head = loaded['params'].get('head', {})
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+    expected = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
+    flat = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+    for path, spec in expected.items():
+        if path not in flat:
+            raise ValueError(f'init_from: {config.init_from} has no {jax.tree_util.keystr(path)}')
+        if flat[path].shape != spec.shape:
+            raise ValueError(f'init_from: {jax.tree_util.keystr(path)} has shape {flat[path].shape} there, {spec.shape} here')
+    extra = set(flat) - set(expected)
     if extra:
         raise ValueError(f'init_from: unexpected entries {sorted(map(jax.tree_util.keystr, extra))[:4]}')
-    mlog.log(f'init_from {config.init_from}{" (EMA)" if config.init_from_ema else ""}: loaded {len(merged) - len(reinit)} '
-             f'arrays' + (f'; head re-initialised for {config.model.num_classes} classes: {", ".join(reinit)}'
-                          if reinit else ''))
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh), merged)
+    reinit = [f"['params']['head'][{k!r}] {getattr(old_head.get(k), 'shape', None)} -> {new_head[k].shape}"
+              for k in sorted(new_head) if new_head[k] is not old_head.get(k)]
+    mlog.log(f'init_from {config.init_from}{" (EMA)" if config.init_from_ema else ""}: loaded {len(flat) - len(reinit)} '
+             f'arrays' + (f'; head re-initialised for {model.num_classes} classes: {", ".join(reinit)}' if reinit else ''))
+    return jax.tree.map(lambda x, spec: jnp.asarray(x, spec.dtype), loaded, abstract)
 
 
 def _schedule_points(config, steps_per_epoch: int) -> tuple[int, int]:
