@@ -37,7 +37,7 @@ except ImportError:
 
 import rest_jax
 from rest_jax import host
-from rest_jax import ops
+from rest_jax import deviceless, ops
 from rest_jax.ops import cpu_isa
 from rest_jax.models.macs import count_macs
 
@@ -342,21 +342,10 @@ def describe(r: dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f'not valid JSON ({e}): {text!r}') from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f'expected a JSON object of create_model overrides, got {text!r}')
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a == '--target' or a.startswith('--target=') for a in argv):
-        from rest_jax import deviceless   # compiled for a TPU slice without a TPU: compiler estimates
-        return deviceless.main(argv)
+        return deviceless.main(argv)   # compiled for a TPU slice without a TPU: compiler estimates
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument('--model', default='restv2_tiny', choices=rest_jax.list_models())
@@ -371,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--impl', '--conv-impl', dest='impl', default='auto', choices=['auto', 'xla', 'cpu', 'lax', 'shift'],
                         help="kernel forms (rest_jax.ops; auto: 'cpu' on a CPU, 'xla' elsewhere; "
                              "--conv-impl, lax and shift are the former names)")
-    parser.add_argument('--arch', type=_json_object, default={}, metavar='JSON',
+    parser.add_argument('--arch', type=deviceless.json_object, default={}, metavar='JSON',
                         help='create_model overrides, e.g. \'{"embed_dims": [32, 64, 128, 256], "depths": [1, 1, 1, 1]}\'')
     parser.add_argument('--official', metavar='PATH', help='a clone of wofmanaf/ResT to time side by side (needs torch)')
     parser.add_argument('--official-compile', action='store_true', help='also time the official code under torch.compile')

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from rest_jax import hlo_stats
 from rest_jax.models.macs import count_macs
-from rest_jax.models.registry import list_models, model_info
+from rest_jax.models.registry import list_models
 from rest_jax.train import loop, optimizer, sharding, state as state_lib, step as step_lib
 
 IMAGENET_TRAIN = 1_281_167  # sets the schedule's length only: the program is the same for any value
@@ -183,10 +183,7 @@ def compile_for_target(target: str, name: str = 'restv2_tiny', mode: str = 'trai
     config.image_size = image_size or config.image_size
     config.model.remat = remat or config.model.remat
     config.model.impl = impl or config.model.impl
-    arch = {k: tuple(config.model[k]) for k in ('embed_dims', 'depths', 'num_heads') if config.model[k] is not None}
-    if config.model.num_classes != model_info(name).num_classes:
-        arch['num_classes'] = config.model.num_classes
-    model = loop.build_model(config, name, {**arch, **overrides}, devices)   # train.py's model, forms for the target
+    model = loop.build_model(config, name, {**loop.config_overrides(config), **overrides}, devices)   # train.py's model, forms for the target
     mesh = sharding.make_mesh(config.mesh, devices)
     steps_per_epoch = max(IMAGENET_TRAIN // batch_size, 1)
     tx, lr_fn = optimizer.make_optimizer(config, steps_per_epoch, config.num_epochs * steps_per_epoch)
@@ -319,7 +316,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return '\n'.join([head] + rows)
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def json_object(text: str) -> dict[str, Any]:
+    """An --arch value: a JSON object of create_model overrides (argparse type)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -346,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
                                             "name (default: the recipe's, none)")
     parser.add_argument('--impl', choices=['auto', 'xla', 'cpu'], help='kernel forms (default auto: the portable forms on a TPU)')
     parser.add_argument('--config', help='a configs/*.py file instead of the variant\'s recipe (e.g. a 384 fine-tune)')
-    parser.add_argument('--arch', type=_json_object, default={}, metavar='JSON',
+    parser.add_argument('--arch', type=json_object, default={}, metavar='JSON',
                         help='create_model overrides, e.g. \'{"embed_dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1]}\'')
     parser.add_argument('--top', type=int, default=10, help='ops listed by bytes')
     parser.add_argument('--json', action='store_true', help='print one JSON object instead of text')

@@ -57,3 +57,11 @@ def relative_error(actual, expected) -> float:
     import numpy as np
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def convert_golden(dst, stem: str = 'v2_reduced'):
+    """The golden official checkpoint `stem` converted into `dst` (ResTv2's head counts given, since its
+    shapes cannot show them); returns `dst`."""
+    from rest_jax.convert import convert_checkpoint
+    convert_checkpoint(golden_path(f'{stem}.pth'), dst, arch={'num_heads': tuple(REDUCED[stem][1]['num_heads'])})
+    return dst

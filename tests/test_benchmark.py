@@ -11,7 +11,6 @@ import types
 import jax
 import jax.extend
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import rest_jax

@@ -9,7 +9,6 @@ import tarfile
 from unittest import mock
 
 import numpy as np
-import tensorflow as tf
 import pytest
 
 tf = pytest.importorskip('tensorflow')

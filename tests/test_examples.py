@@ -7,13 +7,12 @@ import re
 import shlex
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 import rest_jax
-from conftest import REDUCED, REPO, golden_path
+from conftest import REPO, convert_golden
 
 STEM = 'v2_reduced'
 GUIDE = REPO / 'docs' / 'backbone.md'
@@ -22,10 +21,8 @@ GUIDE = REPO / 'docs' / 'backbone.md'
 @pytest.fixture(scope='module')
 def workspace(tmp_path_factory):
     """A directory with out/restv2_tiny (the golden v2 checkpoint, converted) and cat.jpg."""
-    from rest_jax.convert import convert_checkpoint
     root = tmp_path_factory.mktemp('examples')
-    convert_checkpoint(golden_path(f'{STEM}.pth'), root / 'out' / 'restv2_tiny',
-                       arch={'num_heads': tuple(REDUCED[STEM][1]['num_heads'])})
+    convert_golden(root / 'out' / 'restv2_tiny', STEM)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (240, 320, 3), np.uint8)).save(root / 'cat.jpg')
     return root

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import rest_jax
-from conftest import REDUCED, REPO, golden_path, relative_error
+from conftest import REPO, convert_golden, golden_path, relative_error
 from rest_jax import export, pretrained
 
 STEM = 'v2_reduced'
@@ -21,10 +21,7 @@ STEM = 'v2_reduced'
 
 @pytest.fixture(scope='module')
 def converted(tmp_path_factory):
-    from rest_jax.convert import convert_checkpoint
-    dst = tmp_path_factory.mktemp('export') / STEM
-    convert_checkpoint(golden_path(f'{STEM}.pth'), dst, arch={'num_heads': tuple(REDUCED[STEM][1]['num_heads'])})
-    return dst
+    return convert_golden(tmp_path_factory.mktemp('export') / STEM, STEM)
 
 
 @pytest.fixture(scope='module')

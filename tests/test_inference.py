@@ -1,7 +1,6 @@
 """rest_jax.inference: the official eval transform, predict, class names, the predict CLI, the notebook."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import rest_jax
-from conftest import REDUCED, golden_path
+from conftest import REDUCED, convert_golden, golden_path
 from rest_jax import pretrained
 
 STEM = 'v2_reduced'
@@ -19,10 +19,7 @@ STEM = 'v2_reduced'
 
 @pytest.fixture(scope='module')
 def converted(tmp_path_factory):
-    from rest_jax.convert import convert_checkpoint
-    dst = tmp_path_factory.mktemp('pretrained') / STEM
-    convert_checkpoint(golden_path(f'{STEM}.pth'), dst, arch={'num_heads': tuple(REDUCED[STEM][1]['num_heads'])})
-    return dst
+    return convert_golden(tmp_path_factory.mktemp('pretrained') / STEM, STEM)
 
 
 def _same_arrays(a, b) -> bool:

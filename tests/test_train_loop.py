@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REDUCED, golden_path
+from conftest import REDUCED, convert_golden
 
 pytest.importorskip('tensorflow')
 REPO = Path(__file__).resolve().parents[1]
@@ -165,10 +165,7 @@ def test_fine_tune_config_requires_init_from(env, tmp_path):
 
 @pytest.fixture(scope='module')
 def converted(tmp_path_factory):
-    from rest_jax.convert import convert_checkpoint
-    dst = tmp_path_factory.mktemp('golden') / 'v2_reduced'
-    convert_checkpoint(golden_path('v2_reduced.pth'), dst, arch={'num_heads': tuple(REDUCED['v2_reduced'][1]['num_heads'])})
-    return dst
+    return convert_golden(tmp_path_factory.mktemp('golden') / 'v2_reduced')
 
 
 def test_init_from_converted_golden_reinitialises_the_head(converted):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import jax
@@ -19,6 +18,15 @@ from rest_jax.train import optimizer, sharding, state as state_lib, step as step
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or Inf; the run stopped without saving the poisoned state."""
+
+
+def config_overrides(config) -> dict[str, Any]:
+    """create_model overrides that config.model gives: the architecture fields set, and num_classes
+    where it differs from the variant's."""
+    overrides = {k: tuple(config.model[k]) for k in ('embed_dims', 'depths', 'num_heads') if config.model[k] is not None}
+    if config.model.num_classes != model_info(config.model.name).num_classes:
+        overrides['num_classes'] = config.model.num_classes
+    return overrides
 
 
 def model_spec(config, workdir: str) -> tuple[str, dict[str, Any], str | None]:
@@ -42,9 +50,7 @@ def model_spec(config, workdir: str) -> tuple[str, dict[str, Any], str | None]:
         overrides = {k: v for k, v in source['config'].items() if k != 'num_classes'}
         note = f'architecture from {config.init_from}: {source["model"]} {overrides or "(registered)"}'
     else:
-        overrides = {k: tuple(config.model[k]) for k in ('embed_dims', 'depths', 'num_heads')
-                     if config.model[k] is not None}
-        note = None
+        overrides, note = config_overrides(config), None
     if config.model.num_classes != model_info(config.model.name).num_classes:
         overrides['num_classes'] = config.model.num_classes
     return config.model.name, overrides, note
