@@ -38,7 +38,7 @@ except ImportError:
 import rest_jax
 from rest_jax import host
 from rest_jax import deviceless, ops
-from rest_jax.ops import cpu_isa
+from rest_jax.ops import cpu_isa, cpu_tune
 from rest_jax.models.macs import count_macs
 
 # Dense peak FLOP/s per device, by device_kind substring (first match wins): (bfloat16, float32).
@@ -225,7 +225,8 @@ def benchmark(name: str, mode: str = 'infer', batch_size: int = 8, image_size: i
       accelerator peak), the device, host_huge_pages (rest_jax.host), page_faults_per_step and
       kernel_seconds_per_step (None where not reported), and `official` figures when asked for.
     """
-    built = build(name, mode, batch_size, image_size, dtype, **overrides)
+    with cpu_tune.recording() as cpu_forms:   # the CPU kernel forms measured (or read) for this program
+        built = build(name, mode, batch_size, image_size, dtype, **overrides)
     calls = {'rest_jax': built['call']}
     if official:
         calls.update(official_calls(official, name, mode, batch_size, image_size, official_compile, **overrides))
@@ -252,7 +253,7 @@ def benchmark(name: str, mode: str = 'infer', batch_size: int = 8, image_size: i
         jax_version=jax.__version__, cpu=cpu_isa.host_cpu(), host_huge_pages=host.huge_pages_status(),
         page_faults_per_step=host_costs['rest_jax'][0] if host_costs else None,
         kernel_seconds_per_step=host_costs['rest_jax'][1] if host_costs else None,
-        impl=built['model'].impl)
+        impl=built['model'].impl, cpu_forms=cpu_forms)
     if official:
         result['official'] = {key: dict(images_per_sec=batch_size / statistics.median(t),
                                         step_ms=statistics.median(t) * 1e3,
@@ -336,6 +337,12 @@ def describe(r: dict[str, Any]) -> str:
              f"  host huge pages {r['host_huge_pages']}"
              + (f"; {r['page_faults_per_step']:.0f} page faults and {r['kernel_seconds_per_step']:.3f} s of "
                 "kernel time per step" if r['page_faults_per_step'] is not None else '')]
+    if r.get('cpu_forms'):
+        counts: dict[str, int] = {}
+        for entry in r['cpu_forms'].values():
+            counts[f"{entry['choice']} ({entry['source']})"] = counts.get(f"{entry['choice']} ({entry['source']})", 0) + 1
+        lines.append('  strided convs   ' + ', '.join(f'{n} x {k}' for k, n in sorted(counts.items()))
+                     + ' (forward and gradient forms; rest_jax.ops.cpu_tune)')
     for key, o in r.get('official', {}).items():
         lines.append(f"  {key:<15} {o['images_per_sec']:.1f} images/s ({o['step_ms']:.1f} ms/step), "
                      f"rest_jax is {r['images_per_sec'] / o['images_per_sec']:.2f}x")

@@ -25,6 +25,10 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 # otherwise probe for a TPU first, and libtpu prints warnings off a TPU VM into the CLIs' stderr.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+# Kernel forms are not measured on this host during the suite (the same programs on every run, no
+# timing in CI); tests/test_cpu_tune.py measures them into a temporary cache on purpose.
+os.environ.setdefault('REST_JAX_CPU_TUNE', 'off')
+
 REPO = Path(__file__).resolve().parents[1]
 # CI clones the repo with shared/ beside it; REST_JAX_GOLDEN points elsewhere if needed.
 GOLDEN = Path(os.environ.get('REST_JAX_GOLDEN', REPO.parent / 'shared' / 'golden'))

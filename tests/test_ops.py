@@ -130,14 +130,15 @@ def test_layer_norm_forms_equal_flax(offset):
 
 @pytest.mark.parametrize('channels,kernel,stride,pad', [(3, 3, 2, 1), (6, 3, 2, 1), (6, 1, 1, 0), (6, 3, 1, 1), (5, 5, 4, 2)])
 def test_cpu_dense_conv_forms_equal_xla_convolution(channels, kernel, stride, pad):
-    """Dense convs on CPU: a 1x1 as a matmul; strided ones differentiated as patches times a matmul or
-    through XLA's conv (both forms checked, whichever this host's ISA picks)."""
+    """Dense convs on CPU: a 1x1 as a matmul; strided ones forward and backward as patches times a
+    matmul or as XLA's conv (all four pairs checked, whichever this host measures faster)."""
     x = jax.random.normal(jax.random.key(0), (2, 13, 10, channels))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, channels, 7))
     target = jax.random.normal(jax.random.key(2), portable.conv(x, w, stride, pad).shape)
     forms = [cpu.conv, portable.conv]
     if stride > 1:
-        forms += [cpu._strided_conv_patches_grad, cpu._strided_conv_lax_grad]
+        forms += [cpu._differentiated_as(cpu._CONV_FORMS[f], cpu._CONV_FORMS[g], forward_too=False)
+                  for f in cpu._CONV_FORMS for g in cpu._CONV_FORMS]
     results = [jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(f(x, w, stride, pad)) * target),
                                           argnums=(0, 1)))(x, w)
                for f in forms]
@@ -147,7 +148,7 @@ def test_cpu_dense_conv_forms_equal_xla_convolution(channels, kernel, stride, pa
 
 
 def test_strided_conv_gradient_form_by_isa():
-    """AVX2: always the patches form. AVX-512: XLA's conv for the RGB stem and for <= 32 channels at
+    """The fallback rule, where measuring is off. AVX2: always the patches form. AVX-512: XLA's conv for the RGB stem and for <= 32 channels at
     56x56 outputs and above (v1's stem), the patches form elsewhere."""
     pick = cpu_isa.strided_conv_gradient_form
     assert {pick(c, h, h, False) for c, h in [(3, 112), (32, 56), (96, 28), (384, 7)]} == {'patches'}

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rest_jax.ops import cpu_isa, portable
+from rest_jax.ops import cpu_isa, cpu_tune, portable
 from rest_jax.ops.portable import conv_output_size, gelu, pixel_shuffle
 
 __all__ = ['block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'pa_fence', 'pixel_shuffle', 'upsample']
@@ -29,8 +29,8 @@ __all__ = ['block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'pa_fe
 # --- dense convolutions ---------------------------------------------------------------------------
 
 def conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-    """`portable.conv`: a 1x1 conv as a matmul; a strided conv forward as the conv (or patches times a
-    matmul where XLA:CPU's conv is weakest), differentiated in the form `cpu_isa` picks."""
+    """`portable.conv`: a 1x1 conv as a matmul; a strided conv as XLA's conv or as patches times a
+    matmul, forward and gradient each in the form measured faster on this host (`cpu_tune`)."""
     kh, kw, _, _ = kernel.shape
     if kh == kw == 1 and stride == 1 and pad == 0:
         return jnp.einsum('bhwc,co->bhwo', x, kernel[0, 0])
@@ -52,6 +52,82 @@ def _patches_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax
     return jnp.einsum('bhwk,ko->bhwo', patches, kernel.reshape(kh * kw * c, o))
 
 
+# The two exact forms of a strided dense conv. Which runs faster on XLA:CPU depends on the machine
+# kind and the shape, forward and backward separately (docs/performance.md), so each is measured.
+_CONV_FORMS: dict[str, Callable] = {'xla': portable.conv, 'patches': _patches_conv}
+
+
+def _conv_signature(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> str:
+    b, h, w, c = x.shape
+    kh, kw, _, o = kernel.shape
+    return f'conv {b}x{h}x{w}x{c} -> {o}, kernel {kh}x{kw}, stride {stride}, pad {pad}, {jnp.dtype(x.dtype).name}'
+
+
+def _random_inputs(*arrays: jax.Array) -> list[jax.Array]:
+    """Normal samples shaped and typed as `arrays`, on the host CPU (what the candidates are timed on)."""
+    keys = jax.random.split(jax.random.key(0), len(arrays))
+    cpu_device = jax.devices('cpu')[0]
+    return [jax.device_put(jax.random.normal(k, a.shape, jnp.float32).astype(a.dtype), cpu_device)
+            for k, a in zip(keys, arrays)]
+
+
+def _forward_candidates(x, kernel, stride, pad) -> dict[str, Callable]:
+    def build(form):
+        def compiled_call():
+            args = _random_inputs(x, kernel)
+            f = jax.jit(lambda x, k: form(x, k, stride, pad)).lower(*args).compile()
+            return lambda: f(*args).block_until_ready()
+        return compiled_call
+    return {name: build(form) for name, form in _CONV_FORMS.items()}
+
+
+def _gradient_candidates(x, kernel, g, stride, pad) -> dict[str, Callable]:
+    def build(form):
+        def compiled_call():
+            args = _random_inputs(x, kernel, g)
+            f = jax.jit(lambda x, k, g: jax.vjp(lambda x, k: form(x, k, stride, pad), x, k)[1](g)).lower(*args).compile()
+            return lambda: jax.block_until_ready(f(*args))
+        return compiled_call
+    return {name: build(form) for name, form in _CONV_FORMS.items()}
+
+
+def _forward_form(x, kernel, stride, pad) -> str:
+    """The measured-faster forward form; where measuring is off, patches for few input channels (the
+    RGB stem) and small outputs (<= 14 x 14), else XLA's conv (the rule measured on Zen 3 and Zen 5)."""
+    ho = conv_output_size(x.shape[1], kernel.shape[0], stride, pad)
+    wo = conv_output_size(x.shape[2], kernel.shape[1], stride, pad)
+    rule = 'patches' if x.shape[-1] <= 4 or ho * wo <= 14 * 14 else 'xla'
+    return cpu_tune.choose(_conv_signature(x, kernel, stride, pad) + ', forward',
+                           _forward_candidates(x, kernel, stride, pad), rule)
+
+
+def _gradient_form(x, kernel, g, stride, pad) -> str:
+    """The measured-faster gradient form; where measuring is off, `cpu_isa`'s rule."""
+    rule = cpu_isa.strided_conv_gradient_form(x.shape[-1], g.shape[1], g.shape[2], cpu_isa.host_has_avx512())
+    return cpu_tune.choose(_conv_signature(x, kernel, stride, pad) + ', gradient',
+                           _gradient_candidates(x, kernel, g, stride, pad), 'xla' if rule == 'lax' else rule)
+
+
+# A strided conv: forward in its measured form, and under differentiation the backward pass in its own
+# measured form (inference never measures the gradient's candidates).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _strided_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    return _CONV_FORMS[_forward_form(x, kernel, stride, pad)](x, kernel, stride, pad)
+
+
+def _strided_conv_fwd(x, kernel, stride, pad):
+    return _strided_conv(x, kernel, stride, pad), (x, kernel)
+
+
+def _strided_conv_bwd(stride, pad, residuals, g):
+    x, kernel = residuals
+    form = _CONV_FORMS[_gradient_form(x, kernel, g, stride, pad)]
+    return jax.vjp(lambda x, kernel: form(x, kernel, stride, pad), x, kernel)[1](g)
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
 def _differentiated_as(form: Callable, grad_form: Callable, *, forward_too: bool) -> Callable:
     """`form(x, kernel, stride, pad)` with its derivative taken through `grad_form`: the same function,
     written in the form XLA:CPU differentiates faster. With `forward_too`, the forward pass under
@@ -69,28 +145,6 @@ def _differentiated_as(form: Callable, grad_form: Callable, *, forward_too: bool
 
     f.defvjp(fwd, bwd)
     return f
-
-
-def _strided_conv_forward(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-    # Patches times a matmul where XLA:CPU's conv is weakest: few input channels (the RGB stem) and
-    # small outputs (the 28 -> 14 and 14 -> 7 embeddings at 224, whose patch matrices are small).
-    ho = conv_output_size(x.shape[1], kernel.shape[0], stride, pad)
-    wo = conv_output_size(x.shape[2], kernel.shape[1], stride, pad)
-    if x.shape[-1] <= 4 or ho * wo <= 14 * 14:
-        return _patches_conv(x, kernel, stride, pad)
-    return portable.conv(x, kernel, stride, pad)
-
-
-_strided_conv_patches_grad = _differentiated_as(_strided_conv_forward, _patches_conv, forward_too=False)
-_strided_conv_lax_grad = _differentiated_as(_strided_conv_forward, portable.conv, forward_too=False)
-
-
-def _strided_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-    ho = conv_output_size(x.shape[1], kernel.shape[0], stride, pad)
-    wo = conv_output_size(x.shape[2], kernel.shape[1], stride, pad)
-    if cpu_isa.strided_conv_gradient_form(x.shape[-1], ho, wo, cpu_isa.host_has_avx512()) == 'lax':
-        return _strided_conv_lax_grad(x, kernel, stride, pad)
-    return _strided_conv_patches_grad(x, kernel, stride, pad)
 
 
 # --- depthwise convolutions -----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Which form XLA:CPU differentiates a strided convolution faster in, by the host's instruction set."""
+"""The host's CPU (vendor, family, model, ISA), and the fixed rule for a strided convolution's gradient
+form that `cpu_tune` falls back on where forms are not timed on the host."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ def strided_conv_gradient_form(channels: int, ho: int, wo: int, avx512: bool) ->
     """'patches' (patches times a matmul) or 'lax' (XLA's own convolution gradient) for a strided conv
     with `channels` input channels and an ho x wo output.
 
-    Measured per ISA (docs/performance.md): with AVX2 the patches form won everywhere, by 1.5-5x.
+    The fallback where timing is off (cpu_tune). Measured per ISA on Zen 3 and Zen 5 only (docs/performance.md;
+    it picks the slower form for v1's 32 -> 64 stem conv on an Intel AVX-512 machine): with AVX2 the patches form won everywhere, by 1.5-5x.
     With AVX-512 XLA's gradient wins where the input has few channels: the RGB stem, and v1's
     32 -> 64 stem conv at 112 -> 56; with more channels at that size the two were level in isolation
     but the lax gradient made a restv2_tiny step slower, and from 56 -> 28 down the patches form wins.
