@@ -41,7 +41,8 @@ from rest_jax.models.registry import list_models
 from rest_jax.train import loop, optimizer, sharding, state as state_lib, step as step_lib
 
 IMAGENET_TRAIN = 1_281_167  # sets the schedule's length only: the program is the same for any value
-TOPOLOGY_FORMS = 'v4:2x2x1, v5e:2x2, v5e:4x4, v5p:2x2x1, v5p:2x2x2, v5p:4x4x4, v6e:2x2, v6e:8x8 (generation:chip grid)'
+TOPOLOGY_FORMS = ('v4:2x2x1, v5e:2x2, v5e:4x4, v5p:2x2x1, v5p:2x2x2, v5p:4x4x4, v6e:2x2, v6e:8x8 (TPU generation:chip grid); '
+                  'h100:8, a100:8 (GPU:count, memory figures only)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,50 @@ CHIPS = {  # by device_kind, as libtpu names the topology's devices
     'TPU v5 lite': Chip('v5e', 197e12, 819e9, 16e9),
     'TPU v5': Chip('v5p', 459e12, 2765e9, 95e9),
     'TPU v6 lite': Chip('v6e', 918e12, 1638e9, 32e9),
+    'NVIDIA H100 80GB HBM3': Chip('h100', 989e12, 3350e9, 80e9),   # SXM, dense bf16 (nvidia.com/h100)
+    'NVIDIA A100-SXM4-80GB': Chip('a100', 312e12, 2039e9, 80e9),   # (nvidia.com/a100)
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """What XLA's GPU compiler needs to know of an NVIDIA GPU it compiles for without one: NVIDIA's
+    published figures (the data sheet and the CUDA programming guide's per-compute-capability limits)."""
+    name: str                 # device kind, as the driver names it
+    compute_capability: tuple[int, int]
+    sms: int
+    memory_bytes: int
+    memory_bandwidth: float   # bytes/s
+    clock_ghz: float          # boost clock
+    shared_memory_per_sm: int
+    shared_memory_per_block_optin: int
+    l2_bytes: int
+
+    def target_config(self) -> str:
+        """A GpuTargetConfigProto in text form: the device description XLA compiles against."""
+        major, minor = self.compute_capability
+        return f"""gpu_device_info {{
+  threads_per_block_limit: 1024  threads_per_warp: 32  threads_per_core_limit: 2048
+  shared_memory_per_block: 49152  shared_memory_per_block_optin: {self.shared_memory_per_block_optin}
+  shared_memory_per_core: {self.shared_memory_per_sm}  core_count: {self.sms}  fpus_per_core: 128
+  block_dim_limit_x: 2147483647  block_dim_limit_y: 65535  block_dim_limit_z: 65535
+  registers_per_core_limit: 65536  registers_per_block_limit: 65536
+  memory_bandwidth: {int(self.memory_bandwidth)}  l2_cache_size: {self.l2_bytes}  clock_rate_ghz: {self.clock_ghz}
+  device_memory_size: {self.memory_bytes}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 }}
+device_description_str: "{self.name}"
+"""
+
+
+GPUS = {
+    'h100': Gpu('NVIDIA H100 80GB HBM3', (9, 0), 132, 84_942_979_072, 3.35e12, 1.98, 233_472, 232_448, 50 * 2 ** 20),
+    'a100': Gpu('NVIDIA A100-SXM4-80GB', (8, 0), 108, 85_899_345_920, 2.039e12, 1.41, 167_936, 166_912, 40 * 2 ** 20),
+}
+# Autotuning runs candidate kernels, which needs a GPU: compile with XLA's default GEMMs instead.
+GPU_COMPILER_OPTIONS = {'xla_gpu_enable_triton_gemm': False, 'xla_gpu_autotune_level': 0}
 
 
 class TargetError(ValueError):
@@ -83,11 +127,14 @@ def _quiet_stderr():
 
 
 def topology_devices(target: str) -> list[jax.Device]:
-    """The compile-only devices of a TPU slice named like 'v5p:2x2x2' (one device per chip).
+    """The compile-only devices of a TPU slice named like 'v5p:2x2x2' (one device per chip), or of
+    `count` GPUs named like 'h100:8'.
 
     Raises:
-      TargetError: libtpu is not installed, or libtpu does not know the name.
+      TargetError: libtpu (or the CUDA plugin) is not installed, or the name is unknown.
     """
+    if target.split(':')[0].lower() in GPUS:
+        return gpu_devices(target)
     if importlib.util.find_spec('libtpu') is None:
         raise TargetError('compiling for a TPU target needs libtpu (about 700 MB), which is not installed: '
                           'pip install -r requirements-tpu.txt')
@@ -106,6 +153,23 @@ def topology_devices(target: str) -> list[jax.Device]:
         if 'INVALID_ARGUMENT' not in reason and 'topology' not in reason.lower():
             raise TargetError(f'libtpu could not describe {target!r}: {reason}') from None
         raise TargetError(f'unknown TPU topology {target!r} ({reason}); accepted forms: {TOPOLOGY_FORMS}') from None
+
+
+def gpu_devices(target: str) -> list[jax.Device]:
+    """Compile-only devices for 'h100:8' (GPU kind:count), from jax's CUDA plugin; no GPU or driver needed."""
+    kind, _, count = target.partition(':')
+    if not count.isdigit() or int(count) < 1:
+        raise TargetError(f'a GPU target is kind:count, e.g. h100:8, got {target!r}; accepted forms: {TOPOLOGY_FORMS}')
+    if importlib.util.find_spec('jax_plugins.xla_cuda12') is None:
+        raise TargetError(f'compiling for a GPU target needs jax\'s CUDA plugin, which is not installed: '
+                          f'pip install --no-deps jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__}')
+    from jax.experimental import topologies
+    os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')   # there is no driver to check
+    with _quiet_stderr():
+        jax.devices()
+        topo = topologies.get_topology_desc(platform='cuda', topology_name='', topology=f'1x1x{int(count)}',
+                                            target_config=GPUS[kind.lower()].target_config())
+    return list(topo.devices)
 
 
 def recipe_config(name: str, config_file: str | None = None):
@@ -201,8 +265,9 @@ def compile_for_target(target: str, name: str = 'restv2_tiny', mode: str = 'trai
         infer = jax.jit(lambda variables, x: model.apply(variables, x, train=False), out_shardings=batch_sharding)
         lowered = infer.lower({'params': state.params, 'batch_stats': state.batch_stats}, images)
     lower_s = time.perf_counter() - start
+    options = GPU_COMPILER_OPTIONS if devices[0].platform in ('gpu', 'cuda') else None
     with _quiet_stderr():
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=options)
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
     return CompiledTarget(compiled, mesh, model, config, mode, target, params, lower_s,
                           time.perf_counter() - start - lower_s)
@@ -212,7 +277,7 @@ def report(ct: CompiledTarget, top: int = 10) -> dict[str, Any]:
     """Per-chip figures of a compiled target as a JSON-ready dict (see the module docstring)."""
     compiled, config, mesh = ct.compiled, ct.config, ct.mesh
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}   # None for a GPU target
     memory = compiled.memory_analysis()
     text = compiled.as_text()
     device = mesh.devices.flat[0]
@@ -220,12 +285,14 @@ def report(ct: CompiledTarget, top: int = 10) -> dict[str, Any]:
     per_chip = config.batch_size // mesh.size
     macs = count_macs(ct.model, config.image_size)['total']
     model_flops = 2 * macs * per_chip * (3 if ct.mode == 'train' else 1)
-    flops, bytes_accessed = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
+    gpu = device.platform in ('gpu', 'cuda')
+    flops = float(cost['flops']) if 'flops' in cost else None
+    bytes_accessed = float(cost['bytes accessed']) if 'bytes accessed' in cost else None
     xla_s = float(cost.get('optimal_seconds', -1.0))
     mem = {k: int(getattr(memory, f'{k}_size_in_bytes')) for k in ('argument', 'output', 'alias', 'temp')}
     mem['peak'] = mem['argument'] + mem['output'] + mem['temp'] - mem['alias']
     mem['code'] = int(memory.generated_code_size_in_bytes)
-    rows = hlo_stats.op_bytes(text)
+    rows = [] if gpu else hlo_stats.op_bytes(text)   # op_bytes counts TPU layouts (8 x 128 tiles)
     out: dict[str, Any] = {
         'target': ct.target, 'device_kind': device.device_kind, 'chips': mesh.size,
         'mesh': {k: int(v) for k, v in mesh.shape.items()}, 'model': config.model.name,
@@ -234,22 +301,24 @@ def report(ct: CompiledTarget, top: int = 10) -> dict[str, Any]:
         'params': ct.params, 'batch_per_chip': per_chip, 'global_batch': config.batch_size,
         'impl': ct.model.impl, 'remat': ct.model.remat,
         'jax_version': jax.__version__, 'lower_s': ct.lower_s, 'compile_s': ct.compile_s,
-        'flops': flops, 'model_flops': float(model_flops), 'flops_ratio': flops / model_flops if model_flops else None,
-        'bytes_accessed': bytes_accessed, 'bytes_per_image': bytes_accessed / per_chip,
+        'flops': flops, 'model_flops': float(model_flops),
+        'flops_ratio': flops / model_flops if flops is not None and model_flops else None,
+        'bytes_accessed': bytes_accessed, 'bytes_per_image': bytes_accessed / per_chip if bytes_accessed is not None else None,
         'memory': mem, 'xla_seconds': xla_s if xla_s > 0 else None,
         'collectives': hlo_stats.collectives(text), 'top_bytes': rows[:top],
         'bytes_by_layer': hlo_stats.bytes_by_layer(rows, top), 'op_bytes_sum': sum(r['bytes'] for r in rows),
     }
     if chip is not None:
+        out.update(chip=dataclasses.asdict(chip), memory_fraction=mem['peak'] / chip.hbm_bytes)
+    if chip is not None and flops is not None and bytes_accessed is not None:
         t_flops, t_bytes = flops / chip.bf16_flops, bytes_accessed / chip.hbm_bandwidth
         step_s = max(t_flops, t_bytes)
-        out.update(chip=dataclasses.asdict(chip), roofline={
+        out.update(roofline={
             'flops_s': t_flops, 'bytes_s': t_bytes, 'step_s': step_s,
             'bound': 'FLOPs' if t_flops >= t_bytes else 'HBM'},
             images_per_s=per_chip / step_s if step_s else None,
             mfu_roofline=model_flops / (chip.bf16_flops * step_s) if step_s else None,
-            mfu_xla=model_flops / (chip.bf16_flops * xla_s) if xla_s > 0 else None,
-            memory_fraction=mem['peak'] / chip.hbm_bytes)
+            mfu_xla=model_flops / (chip.bf16_flops * xla_s) if xla_s > 0 else None)
     return out
 
 
@@ -270,18 +339,21 @@ def describe(r: dict[str, Any]) -> str:
     lines = [f"{r['model']} {r['mode']}, {r['dtype']}, {per} images/chip at {r['image_size']}, on {r['target']} "
              f"({r['chips']} x {r['device_kind']}, mesh {r['mesh']}, kernel forms {r['impl']}, remat {r['remat']}, jax {r['jax_version']})",
              f"  compile             {r['lower_s']:.1f} s lowering + {r['compile_s']:.1f} s XLA (this host)",
-             f"  FLOPs (XLA)         {_si(r['flops'], 'FLOP')}  = {r['flops_ratio']:.2f} x the analytic "
-             f"{_si(r['model_flops'], 'FLOP')} (2 x MACs{', x 3 for training' if r['mode'] == 'train' else ''})",
-             f"  bytes accessed      {_si(r['bytes_accessed'], 'B')}  ({_si(r['bytes_per_image'], 'B')} per image)",
+             (f"  FLOPs (XLA)         {_si(r['flops'], 'FLOP')}  = {r['flops_ratio']:.2f} x the analytic "
+              f"{_si(r['model_flops'], 'FLOP')} (2 x MACs{', x 3 for training' if r['mode'] == 'train' else ''})"
+              if r['flops'] is not None else
+              f"  FLOPs, bytes        n/a: XLA's compiler gives no cost analysis for {r['device_kind']} (memory only)"),
+             *([f"  bytes accessed      {_si(r['bytes_accessed'], 'B')}  ({_si(r['bytes_per_image'], 'B')} per image)"]
+               if r['bytes_accessed'] is not None else []),
              f"  memory              peak {_si(m['peak'], 'B')} = arguments {_si(m['argument'], 'B')} + outputs "
              f"{_si(m['output'], 'B')} + temporaries {_si(m['temp'], 'B')} - aliased {_si(m['alias'], 'B')}"
              + (f"  ({r['memory_fraction']:.1%} of {_si(r['chip']['hbm_bytes'], 'B')} HBM)" if 'chip' in r else '')]
-    if 'chip' in r:
+    if 'roofline' in r:
         rf, c = r['roofline'], r['chip']
         lines.append(f"  roofline            {rf['step_s'] * 1e3:.2f} ms: max(FLOPs / {_si(c['bf16_flops'], 'FLOP/s')} = "
                      f"{rf['flops_s'] * 1e3:.2f} ms, bytes / {_si(c['hbm_bandwidth'], 'B/s')} = {rf['bytes_s'] * 1e3:.2f} ms),"
                      f" {rf['bound']}-bound: {r['images_per_s']:.0f} images/s per chip, MFU {r['mfu_roofline']:.1%}")
-    else:
+    elif 'chip' not in r:
         lines.append(f"  roofline            no published peaks for {r['device_kind']} in rest_jax.deviceless.CHIPS")
     if r['xla_seconds']:
         lines.append(f"  XLA's estimate      {r['xla_seconds'] * 1e3:.2f} ms"
@@ -292,6 +364,8 @@ def describe(r: dict[str, Any]) -> str:
                          f"{'/'.join(map(str, c['group_sizes'])) or '?'} chips")
     else:
         lines.append('  collectives         none')
+    if not r['bytes_by_layer']:
+        return '\n'.join(lines)
     lines.append(f"  bytes by layer, every block, forward and backward (all ops: {_si(r['op_bytes_sum'], 'B')} counting "
                  f"whole operands and layout padding; XLA counts {_si(r['bytes_accessed'], 'B')}):")
     lines.extend(f"    {_si(b, 'B'):>9}  {layer}" for layer, b in r['bytes_by_layer'])
@@ -308,8 +382,10 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     rows = []
     for r in results:
         rf = r.get('roofline')
-        rows.append(f"| {r['model']} | {_si(r['flops'], 'FLOP')} / {r['flops_ratio']:.2f} | {_si(r['bytes_per_image'], 'B')} "
-                    f"| {_si(r['memory']['peak'], 'B')} | "
+        rows.append(f"| {r['model']} | "
+                    + (f"{_si(r['flops'], 'FLOP')} / {r['flops_ratio']:.2f} | {_si(r['bytes_per_image'], 'B')} "
+                       if r['flops'] is not None else '- | - ')
+                    + f"| {_si(r['memory']['peak'], 'B')} | "
                     + (f"{rf['step_s'] * 1e3:.1f} ms ({rf['bound']}) | {r['images_per_s']:.0f} | {r['mfu_roofline']:.0%} | "
                        if rf else '- | - | - | ')
                     + (f"{r['xla_seconds'] * 1e3:.1f} ms" if r['xla_seconds'] else '-') + f" | {r['compile_s']:.0f} s |")
@@ -330,7 +406,7 @@ def json_object(text: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument('--target', required=True, help=f'a TPU topology: {TOPOLOGY_FORMS}')
+    parser.add_argument('--target', required=True, help=f'a TPU topology or GPUs: {TOPOLOGY_FORMS}')
     parser.add_argument('--model', default='restv2_tiny', choices=list_models())
     parser.add_argument('--all', action='store_true', help='every variant, as a Markdown table')
     parser.add_argument('--mode', default='train', choices=['train', 'infer'])
