@@ -84,3 +84,11 @@ def test_a_strided_conv_traced_on_this_host_is_measured(tuning):
     assert set(chosen) == {key + ', forward', key + ', gradient'}
     assert all(v['choice'] in ('xla', 'patches') and set(v['ms']) == {'xla', 'patches'} for v in chosen.values())
     assert set(json.loads(tuning.read_text())[cpu_tune.host_key()]) == set(chosen)
+
+
+def test_initialising_a_model_times_nothing(tuning):
+    """model.init only needs shapes: its trace takes the rule and measures no form."""
+    import rest_jax
+    model = rest_jax.create_model('restv2_tiny', embed_dims=[8, 16, 32, 64], depths=[1, 1, 1, 1], num_classes=5)
+    jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    assert cpu_tune.decisions() == {} and not tuning.exists()

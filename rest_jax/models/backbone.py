@@ -28,8 +28,10 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def kernel_forms(self):
-        """The context in which this model's ops run (rest_jax.ops.kernel_forms of its setting)."""
-        return ops.kernel_forms(self.impl if self.conv_impl is None else self.conv_impl)
+        """The context in which this model's ops run (rest_jax.ops.kernel_forms of its setting). While
+        the model is initialised, whose output only gives shapes, no CPU form is timed on the host."""
+        return ops.kernel_forms(self.impl if self.conv_impl is None else self.conv_impl,
+                                timing=not self.is_initializing())
 
     def rematerialized(self, block: type[nn.Module]) -> type[nn.Module]:
         """`block`, or `block` under `nn.remat` with the policy `self.remat` names.

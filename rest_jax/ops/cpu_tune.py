@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 
 import jax
 
-from rest_jax.ops import cpu_isa
+from rest_jax.ops import cpu_isa, dispatch
 
 TUNE_ENV = 'REST_JAX_CPU_TUNE'
 CACHE_ENV = 'REST_JAX_CACHE_DIR'
@@ -108,6 +108,9 @@ def choose(key: str, candidates: dict[str, Callable[[], Callable[[], object]]], 
         return fallback
     with _LOCK:
         if key not in _CHOSEN:
+            if not dispatch.TIMING.get():   # e.g. a model's initialisation: the file's choice, else the rule
+                entry = _read(cache_path()).get(host_key(), {}).get(key)
+                return entry['choice'] if isinstance(entry, dict) and entry.get('choice') in candidates else fallback
             _decide(key, candidates)
         _record(key, _CHOSEN[key])
         return _CHOSEN[key]['choice']

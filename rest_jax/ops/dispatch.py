@@ -19,6 +19,8 @@ IMPLS = ('auto', 'xla', 'cpu')
 ALIASES = {'lax': 'xla', 'shift': 'cpu'}   # the names of the former `conv_impl` setting
 
 _ACTIVE: contextvars.ContextVar[str | None] = contextvars.ContextVar('rest_jax_kernel_forms', default=None)
+# False inside `kernel_forms(timing=False)`: CPU forms are not timed on the host there (cpu_tune).
+TIMING: contextvars.ContextVar[bool] = contextvars.ContextVar('rest_jax_cpu_form_timing', default=True)
 
 
 def canonical(impl: str) -> str:
@@ -56,15 +58,19 @@ def resolve(impl: str = 'auto', devices: Any = None) -> str:
 
 
 @contextlib.contextmanager
-def kernel_forms(impl: str = 'auto', devices: Any = None) -> Iterator[str]:
-    """Run the ops inside with the forms `impl` names. 'auto' keeps an enclosing choice, if any."""
+def kernel_forms(impl: str = 'auto', devices: Any = None, timing: bool = True) -> Iterator[str]:
+    """Run the ops inside with the forms `impl` names. 'auto' keeps an enclosing choice, if any.
+    `timing=False`: CPU forms are not timed on the host inside (`cpu_tune`: the cached choice or the rule)."""
     outer = _ACTIVE.get()
     impl = canonical(impl)
     chosen = outer if impl == 'auto' and devices is None and outer is not None else resolve(impl, devices)
     token = _ACTIVE.set(chosen)
+    timing_token = None if timing else TIMING.set(False)
     try:
         yield chosen
     finally:
+        if timing_token is not None:
+            TIMING.reset(timing_token)
         _ACTIVE.reset(token)
 
 
