@@ -155,12 +155,20 @@ def topology_devices(target: str) -> list[jax.Device]:
         raise TargetError(f'unknown TPU topology {target!r} ({reason}); accepted forms: {TOPOLOGY_FORMS}') from None
 
 
+def cuda_plugin_installed() -> bool:
+    """Whether jax's CUDA plugin (jax-cuda12-plugin) is importable."""
+    try:
+        return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+    except ImportError:   # no jax_plugins package at all
+        return False
+
+
 def gpu_devices(target: str) -> list[jax.Device]:
     """Compile-only devices for 'h100:8' (GPU kind:count), from jax's CUDA plugin; no GPU or driver needed."""
     kind, _, count = target.partition(':')
     if not count.isdigit() or int(count) < 1:
         raise TargetError(f'a GPU target is kind:count, e.g. h100:8, got {target!r}; accepted forms: {TOPOLOGY_FORMS}')
-    if importlib.util.find_spec('jax_plugins.xla_cuda12') is None:
+    if not cuda_plugin_installed():
         raise TargetError(f'compiling for a GPU target needs jax\'s CUDA plugin, which is not installed: '
                           f'pip install --no-deps jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__}')
     from jax.experimental import topologies

@@ -123,9 +123,7 @@ def test_gpu_target_errors(monkeypatch):
     with pytest.raises(deviceless.TargetError, match='kind:count, e.g. h100:8') as bad:
         deviceless.topology_devices('h100:eight')
     assert '\n' not in str(bad.value)
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec',
-                        lambda name, *a: None if name.startswith('jax_plugins') else find_spec(name, *a))
+    monkeypatch.setattr(deviceless, 'cuda_plugin_installed', lambda: False)
     with pytest.raises(deviceless.TargetError, match=rf'jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt'):
         deviceless.topology_devices('h100:8')
 
@@ -138,7 +136,7 @@ def test_gpu_target_config_is_a_device_description():
     assert deviceless.CHIPS['NVIDIA H100 80GB HBM3'].hbm_bytes == 80e9
 
 
-@pytest.mark.skipif(importlib.util.find_spec('jax_plugins.xla_cuda12') is None,
+@pytest.mark.skipif(not deviceless.cuda_plugin_installed(),
                     reason="jax's CUDA plugin not installed (pip install 'jax[cuda12-local]==<jax version>'); "
                            'it is left out of the test set-up because it makes jax warn on every start without CUDA')
 def test_gpu_train_step_memory():
