@@ -18,6 +18,7 @@ the output says whether huge pages were on.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -338,9 +339,7 @@ def describe(r: dict[str, Any]) -> str:
              + (f"; {r['page_faults_per_step']:.0f} page faults and {r['kernel_seconds_per_step']:.3f} s of "
                 "kernel time per step" if r['page_faults_per_step'] is not None else '')]
     if r.get('cpu_forms'):
-        counts: dict[str, int] = {}
-        for entry in r['cpu_forms'].values():
-            counts[f"{entry['choice']} ({entry['source']})"] = counts.get(f"{entry['choice']} ({entry['source']})", 0) + 1
+        counts = collections.Counter(f"{e['choice']} ({e['source']})" for e in r['cpu_forms'].values())
         lines.append('  strided convs   ' + ', '.join(f'{n} x {k}' for k, n in sorted(counts.items()))
                      + ' (forward and gradient forms; rest_jax.ops.cpu_tune)')
     for key, o in r.get('official', {}).items():

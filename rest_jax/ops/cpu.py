@@ -71,22 +71,19 @@ def _random_inputs(*arrays: jax.Array) -> list[jax.Array]:
             for k, a in zip(keys, arrays)]
 
 
-def _forward_candidates(x, kernel, stride, pad) -> dict[str, Callable]:
+def _candidates(x, kernel, stride, pad, g=None) -> dict[str, Callable]:
+    """Each form of the conv, compiled at these shapes on random inputs: its forward pass, or with `g`
+    its backward pass alone (the VJP from the saved input)."""
     def build(form):
         def compiled_call():
-            args = _random_inputs(x, kernel)
-            f = jax.jit(lambda x, k: form(x, k, stride, pad)).lower(*args).compile()
-            return lambda: f(*args).block_until_ready()
-        return compiled_call
-    return {name: build(form) for name, form in _CONV_FORMS.items()}
-
-
-def _gradient_candidates(x, kernel, g, stride, pad) -> dict[str, Callable]:
-    def build(form):
-        def compiled_call():
-            args = _random_inputs(x, kernel, g)
-            f = jax.jit(lambda x, k, g: jax.vjp(lambda x, k: form(x, k, stride, pad), x, k)[1](g)).lower(*args).compile()
-            return lambda: jax.block_until_ready(f(*args))
+            if g is None:
+                args = _random_inputs(x, kernel)
+                f = jax.jit(lambda x, k: form(x, k, stride, pad))
+            else:
+                args = _random_inputs(x, kernel, g)
+                f = jax.jit(lambda x, k, g: jax.vjp(lambda x, k: form(x, k, stride, pad), x, k)[1](g))
+            compiled = f.lower(*args).compile()
+            return lambda: jax.block_until_ready(compiled(*args))
         return compiled_call
     return {name: build(form) for name, form in _CONV_FORMS.items()}
 
@@ -98,14 +95,14 @@ def _forward_form(x, kernel, stride, pad) -> str:
     wo = conv_output_size(x.shape[2], kernel.shape[1], stride, pad)
     rule = 'patches' if x.shape[-1] <= 4 or ho * wo <= 14 * 14 else 'xla'
     return cpu_tune.choose(_conv_signature(x, kernel, stride, pad) + ', forward',
-                           _forward_candidates(x, kernel, stride, pad), rule)
+                           _candidates(x, kernel, stride, pad), rule)
 
 
 def _gradient_form(x, kernel, g, stride, pad) -> str:
     """The measured-faster gradient form; where measuring is off, `cpu_isa`'s rule."""
     rule = cpu_isa.strided_conv_gradient_form(x.shape[-1], g.shape[1], g.shape[2], cpu_isa.host_has_avx512())
     return cpu_tune.choose(_conv_signature(x, kernel, stride, pad) + ', gradient',
-                           _gradient_candidates(x, kernel, g, stride, pad), 'xla' if rule == 'lax' else rule)
+                           _candidates(x, kernel, stride, pad, g), 'xla' if rule == 'lax' else rule)
 
 
 # A strided conv: forward in its measured form, and under differentiation the backward pass in its own
