@@ -90,5 +90,5 @@ def test_initialising_a_model_times_nothing(tuning):
     """model.init only needs shapes: its trace takes the rule and measures no form."""
     import rest_jax
     model = rest_jax.create_model('restv2_tiny', embed_dims=[8, 16, 32, 64], depths=[1, 1, 1, 1], num_classes=5)
-    jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    jax.jit(model.init).lower(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))   # the trace is where forms are chosen
     assert cpu_tune.decisions() == {} and not tuning.exists()

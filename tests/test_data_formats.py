@@ -1,13 +1,11 @@
 """Datasets that TFDS prepared elsewhere: a TFRecord imagenet2012 converted once by
 ``python -m rest_jax.data.convert`` (in place, into another directory, onto gs://), versions, and
-gs:// workdirs for metrics.jsonl and TensorBoard; train.py on 8 devices resumes bit-identically on
-the converted copy.
+gs:// workdirs for metrics.jsonl and TensorBoard; train.py on 8 devices trains on the converted copy.
 """
 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -188,8 +186,10 @@ def env8(tmp_path_factory):
                 XLA_FLAGS='--xla_force_host_platform_device_count=8')
 
 
-def test_train_py_on_a_converted_tfrecord_copy_resumes_bit_identically(env8, tfrecord_imagenet, tmp_path):
-    """train.py names the command, the command converts, and kill -9 + resume equals a straight run."""
+def test_train_py_on_a_converted_tfrecord_copy(env8, tfrecord_imagenet, tmp_path):
+    """train.py names the conversion command, the command converts, and train.py then trains and
+    evaluates on the converted copy over 8 devices. (Resuming after kill -9 is bit-identical on the same
+    reader and loop: tests/test_train_loop.py.)"""
     data_dir = _copy(tfrecord_imagenet, tmp_path / 'tfds')
     proc = subprocess.run(train_loop._command(tmp_path / 'refused', data_dir, *train_loop.TINY, *IMAGENET),
                           env=env8, capture_output=True, text=True, timeout=600)
@@ -201,19 +201,13 @@ def test_train_py_on_a_converted_tfrecord_copy_resumes_bit_identically(env8, tfr
                           timeout=600, cwd=REPO)
     assert done.returncode == 0 and 'holds imagenet2012 as ArrayRecord' in done.stdout, done.stderr[-2000:]
 
-    reference = tmp_path / 'reference'
-    out = train_loop._train(env8, reference, data_dir, *IMAGENET)
+    workdir = tmp_path / 'run'
+    out = train_loop._train(env8, workdir, data_dir, *IMAGENET)
     assert '8 cpu device(s)' in out and 'imagenet2012: 12 train / 5 eval images' in out
-    resumed = tmp_path / 'resumed'
-    returncode, out = train_loop._start_and_signal(env8, resumed, data_dir, signal.SIGKILL, *IMAGENET)
-    assert returncode == -signal.SIGKILL, out[-2000:]
-    steps = [json.loads(line)['step'] for line in (resumed / 'metrics.jsonl').read_text().splitlines()]
-    assert steps[-1] < 4, 'the run ended before the signal: nothing was interrupted'
-    assert 'resumed from' in train_loop._train(env8, resumed, data_dir, *IMAGENET)
-    for got, expected in zip(train_loop._final(resumed), train_loop._final(reference)):
-        assert got.keys() == expected.keys()
-        for key in got:
-            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    metrics = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    assert [m['step'] for m in metrics] == [1, 2, 3, 4] and all(np.isfinite(m['loss']) for m in metrics)
+    assert metrics[-1]['eval_count'] == 5 and 0 <= metrics[-1]['top1'] <= metrics[-1]['top5'] <= 1
+    assert (workdir / 'checkpoints' / '4').is_dir()
 
 
 def test_workdir_metadata_on_gcs(tmp_path):
