@@ -65,6 +65,7 @@ def test_train_step_for_a_tpu_slice(fsdp2):
     # the backward pass; nothing else crosses between chips.
     assert set(r['collectives']) <= {'all-gather', 'all-reduce', 'reduce-scatter'}
     assert 'all-reduce' in r['collectives'] and 4 in r['collectives']['all-reduce']['group_sizes']
+    assert r['collectives']['all-reduce']['bytes'] >= 2 * r['params']  # at least a bfloat16 copy of every gradient
     gathers = r['collectives']['all-gather']
     assert gathers['group_sizes'] == [2]
     layers = sharded_layers(ct)

@@ -318,35 +318,32 @@ def test_state_dict_prefixes_and_wrong_num_classes(v1_reduced):
         rest_jax.variables_from_state_dict(model.clone(num_classes=3), sd)
 
 
-def _remat_loss(model, variables, x):
+@pytest.fixture(scope='module')
+def remat_reference():
+    """A reduced rest_lite, its variables, its loss and gradients on a batch (jitted; the model is the
+    static second argument), and their plain (not rematerialised) values."""
+    model = rest_jax.create_model('rest_lite', embed_dims=(8, 16, 32, 64), depths=(1, 2, 1, 1), num_classes=5)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+
     def loss(params, m):
         out, updates = m.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
                                rngs={'dropout': jax.random.key(2)})
         return jnp.sum(jnp.tanh(out) * jnp.arange(5.0)), updates
-    return loss
 
-
-@pytest.fixture(scope='module')
-def remat_reference():
-    """A reduced rest_lite, its variables, a batch and its plain (not rematerialised) training gradients."""
-    model = rest_jax.create_model('rest_lite', embed_dims=(8, 16, 32, 64), depths=(1, 2, 1, 1), num_classes=5)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
-    loss = _remat_loss(model, variables, x)
-    plain = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(variables['params'], model)
-    return model, variables, x, plain
+    loss = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    return model, variables, loss, loss(variables['params'], model)
 
 
 @pytest.mark.parametrize('remat', ['block', 'dots_with_no_batch_dims_saveable'])
 def test_remat_changes_memory_not_results(remat, remat_reference):
     """Rematerialised blocks: the same parameter tree, the same gradients and BatchNorm updates (to the
     rounding of a differently fused program)."""
-    model, variables, x, plain = remat_reference
+    model, variables, loss, plain = remat_reference
     remat_model = model.clone(remat=remat)
     assert jax.tree.structure(jax.eval_shape(remat_model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))) == \
         jax.tree.structure(variables)
-    loss = _remat_loss(model, variables, x)
-    rematerialised = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(variables['params'], remat_model)
+    rematerialised = loss(variables['params'], remat_model)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="remat must be one of none, block"):
