@@ -30,12 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f'usage: python -m rest_jax {{{",".join(COMMANDS)}}} ... ({given}'
               f'python -m rest_jax COMMAND --help for each)', file=sys.stderr)
         return 0 if argv[:1] in (['-h'], ['--help']) else 2
-    if argv[0] == 'benchmark':
-        from rest_jax import host   # before jax starts: glibc reads the tunable at process start
-        host.reexec_with_huge_pages()
     module = importlib.import_module(COMMANDS[argv[0]])
     return module.main(argv[1:]) or 0
 
 
 if __name__ == '__main__':
+    if sys.argv[1:2] == ['benchmark']:
+        # Before jax starts: glibc reads the tunable at process start (rest_jax.host). Here, not in
+        # main(), which may be called from a Python program that must not be restarted.
+        from rest_jax import host
+        host.reexec_with_huge_pages()
     sys.exit(main())

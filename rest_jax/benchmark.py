@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a == '--target' or a.startswith('--target=') for a in argv):
         return deviceless.main(argv)   # compiled for a TPU slice without a TPU: compiler estimates
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog='python -m rest_jax benchmark', description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument('--model', default='restv2_tiny', choices=rest_jax.list_models())
     parser.add_argument('--all', action='store_true', help='every variant, as a Markdown table')

@@ -33,7 +33,7 @@ def variant_table() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog='python -m rest_jax demo', description=__doc__.splitlines()[0])
     parser.add_argument('--model', default='restv2_tiny', choices=rest_jax.list_models())
     parser.add_argument('--batch-size', type=int, default=2)
     parser.add_argument('--image-size', type=int, default=224)

@@ -412,7 +412,7 @@ def json_object(text: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog='python -m rest_jax deviceless', description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument('--target', required=True, help=f'a TPU topology or GPUs: {TOPOLOGY_FORMS}')
     parser.add_argument('--model', default='restv2_tiny', choices=list_models())

@@ -21,6 +21,26 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
         sys.modules['jax'].config.update('jax_compilation_cache_dir', _cache)
         sys.modules['jax'].config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
+# The suite's programs are small and each runs a few times, so XLA's optimisation of the generated CPU
+# code (LLVM) costs far more than it saves: at this level a reduced model's init compiles 3.7x faster
+# and its gradient 1.6x faster (2-core AMD EPYC). The HLO program is the same; results may differ from
+# the default level in the last bit (FMA contraction), which no test compares across levels. The TPU
+# compile of tests/test_deviceless.py turns it off again: that test examines the program users get.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+
+# Likewise XLA:CPU's older fusion code generator, which compiles the suite's training steps ~2.4x
+# faster than the default one (a reduced restv2_tiny's gradient: 15.9 -> 6.5 s). XLA aborts on a flag
+# it does not know, and the jax range in pyproject.toml spans several XLA releases, so it is asked first
+# (once: pytest-xdist's workers and the tests' subprocesses inherit the environment).
+_FAST_COMPILE_FLAG = '--xla_cpu_use_fusion_emitters=false'
+if 'REST_JAX_TEST_XLA_FLAGS' not in os.environ:
+    import subprocess
+    _flags = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE_FLAG}".strip()
+    _probe = subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], capture_output=True,
+                            env=dict(os.environ, XLA_FLAGS=_flags, JAX_PLATFORMS='cpu'))
+    os.environ['REST_JAX_TEST_XLA_FLAGS'] = _flags if _probe.returncode == 0 else os.environ.get('XLA_FLAGS', '')
+    os.environ['XLA_FLAGS'] = os.environ['REST_JAX_TEST_XLA_FLAGS']
+
 # The suite runs on the host CPU. With libtpu installed (tests/test_deviceless.py needs it), JAX would
 # otherwise probe for a TPU first, and libtpu prints warnings off a TPU VM into the CLIs' stderr.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -43,6 +63,15 @@ REDUCED = {
     'v2_reduced_wide_heads': ('restv2_tiny', dict(embed_dims=[32, 64, 128, 256], num_heads=[2, 4, 8, 16],
                                                   depths=[1, 1, 1, 1], sr_ratios=[8, 4, 2, 1], num_classes=10)),
 }
+
+
+def subprocess_env(devices: int | None = None, **extra) -> dict:
+    """The environment for a test's jax subprocess: this suite's settings above (the shared compilation
+    cache, the compile flags) and this checkout on the path; `devices` simulated CPU devices."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), **extra)
+    if devices is not None:
+        env['XLA_FLAGS'] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return env
 
 
 def golden_path(name: str) -> Path:

@@ -32,6 +32,15 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+def run_cli_here(capsys, *args):
+    """The same command in this process (no interpreter start): its exit code and output."""
+    from rest_jax.convert.__main__ import main
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted_apply(model):
     return jax.jit(model.apply)
@@ -167,7 +176,7 @@ def assert_cli_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-def test_cli_bad_sources(tmp_path, v1_state_dict):
+def test_cli_bad_sources(tmp_path, v1_state_dict, capsys):
     dst = tmp_path / 'out'
     text = tmp_path / 'notes.txt'
     text.write_text('not a checkpoint\n')
@@ -195,8 +204,9 @@ def test_cli_bad_sources(tmp_path, v1_state_dict):
         ((golden_path('v2_reduced.pth'), dst), ('matches no registered variant (v2', '--arch num_heads')),
         ((golden_path('v2_reduced.pth'), dst, '--arch', 'depths=1,1,2,1'), ('num_heads',)),
     ]
-    for args, fragments in cases:
-        assert_cli_error(run_cli(*args), *fragments)
+    for i, (args, fragments) in enumerate(cases):
+        # The first as a real process (exit status, nothing else on stderr), the rest in this one.
+        assert_cli_error(run_cli(*args) if i == 0 else run_cli_here(capsys, *args), *fragments)
         assert not dst.exists(), args
         assert sorted(p.name for p in tmp_path.iterdir()) == ['no_stage4.pth', 'notes.txt', 'partial.pth', 'truncated.pth'], args
 

@@ -16,6 +16,7 @@ import pytest
 tf = pytest.importorskip('tensorflow')
 tfds = pytest.importorskip('tensorflow_datasets')
 
+from conftest import convert_golden, subprocess_env  # noqa: E402
 from fake_gcs import fake_gcs  # noqa: E402
 from test_data_pipeline import _tiny_imagenet, make_config  # noqa: E402
 import test_train_loop as train_loop  # noqa: E402
@@ -177,18 +178,15 @@ IMAGENET = ['--config.dataset=imagenet2012', '--config.model.num_classes=1000',
 
 
 @pytest.fixture(scope='module')
-def env8(tmp_path_factory):
-    """test_train_loop's environment (one compilation cache for the module's runs), 8 devices."""
-    cache = tmp_path_factory.mktemp('jax_cache')
-    return dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-                JAX_DISABLE_MOST_OPTIMIZATIONS='1', PYTHONPATH=str(REPO),
-                XLA_FLAGS='--xla_force_host_platform_device_count=8')
+def env8():
+    """test_train_loop's environment, with 8 devices."""
+    return subprocess_env(8)
 
 
-def test_train_py_on_a_converted_tfrecord_copy(env8, tfrecord_imagenet, tmp_path):
-    """train.py names the conversion command, the command converts, and train.py then trains and
-    evaluates on the converted copy over 8 devices. (Resuming after kill -9 is bit-identical on the same
+def test_train_py_fine_tunes_on_a_converted_tfrecord_copy(env8, tfrecord_imagenet, tmp_path):
+    """train.py names the conversion command, the command converts, and train.py then fine-tunes the
+    10-class golden checkpoint (its head re-initialised for 1000 classes) on the converted copy over 8
+    devices, evaluating every validation image. (Resuming after kill -9 is bit-identical on the same
     reader and loop: tests/test_train_loop.py.)"""
     data_dir = _copy(tfrecord_imagenet, tmp_path / 'tfds')
     proc = subprocess.run(train_loop._command(tmp_path / 'refused', data_dir, *train_loop.TINY, *IMAGENET),
@@ -201,9 +199,11 @@ def test_train_py_on_a_converted_tfrecord_copy(env8, tfrecord_imagenet, tmp_path
                           timeout=600, cwd=REPO)
     assert done.returncode == 0 and 'holds imagenet2012 as ArrayRecord' in done.stdout, done.stderr[-2000:]
 
-    workdir = tmp_path / 'run'
-    out = train_loop._train(env8, workdir, data_dir, *IMAGENET)
-    assert '8 cpu device(s)' in out and 'imagenet2012: 12 train / 5 eval images' in out
+    workdir, golden = tmp_path / 'run', convert_golden(tmp_path / 'golden')
+    out = train_loop._train(env8, workdir, data_dir, *IMAGENET, f'--config.init_from={golden}',
+                            '--config.model.embed_dims=None', '--config.model.depths=None')
+    assert '8 cpu device(s)' in out and 'imagenet2012: 12 train / 5 eval images, 1000 classes' in out
+    assert 'head re-initialised for 1000 classes' in out
     metrics = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
     assert [m['step'] for m in metrics] == [1, 2, 3, 4] and all(np.isfinite(m['loss']) for m in metrics)
     assert metrics[-1]['eval_count'] == 5 and 0 <= metrics[-1]['top1'] <= metrics[-1]['top5'] <= 1

@@ -34,7 +34,14 @@ PER_CHIP = 64
 @pytest.fixture(scope='module')
 def fsdp2():
     """The step on a 2 x 2 mesh: both the data axis and the fsdp axis have more than one chip."""
-    return compile_reduced(fsdp=2, batch_per_chip=PER_CHIP)
+    # Compiled at XLA's default optimisation level, as for users (tests/conftest.py lowers it for the
+    # suite's CPU programs).
+    before = jax.config.values['jax_disable_most_optimizations']
+    jax.config.update('jax_disable_most_optimizations', False)
+    try:
+        return compile_reduced(fsdp=2, batch_per_chip=PER_CHIP)
+    finally:
+        jax.config.update('jax_disable_most_optimizations', before)
 
 
 def sharded_layers(ct) -> set[str]:

@@ -218,7 +218,7 @@ def run_predict(*args, module=('rest_jax', 'predict')):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_predict_cli(converted, tmp_path):
+def test_predict_cli(converted, tmp_path, capsys):
     paths = []
     for i, hw in enumerate([(240, 320), (300, 200)]):
         paths.append(tmp_path / f'img{i}.png')
@@ -238,12 +238,14 @@ def test_predict_cli(converted, tmp_path):
     assert text[1].split()[-1] == f'({top.classes[0, 0]})'
 
     (tmp_path / 'notes.txt').write_text('not an image')
+    from rest_jax.inference import main
     for args, fragment in [(['--checkpoint', converted, tmp_path / 'missing.jpg'], 'no such file'),
                            (['--checkpoint', converted, tmp_path / 'notes.txt'], 'not a readable image'),
                            (['--checkpoint', tmp_path, paths[0]], 'not a rest_jax checkpoint')]:
-        bad = run_predict(*args)
-        assert bad.returncode == 1 and bad.stdout == ''
-        assert bad.stderr.startswith('error: ') and fragment in bad.stderr and len(bad.stderr.splitlines()) == 1
+        capsys.readouterr()  # in this process: the two runs above were real ones
+        code, bad = main(['--top-k', '3', *map(str, args)]), capsys.readouterr()
+        assert code == 1 and bad.out == ''
+        assert bad.err.startswith('error: ') and fragment in bad.err and len(bad.err.splitlines()) == 1
 
 
 def test_notebook_runs(tmp_path, monkeypatch):

@@ -159,12 +159,17 @@ def _unused_inputs(fn, *args) -> set[int]:
 def test_variant_forward_and_every_parameter_used(name):
     model = rest_jax.create_model(name, num_classes=7)
     variables = _random_variables(model, np.random.default_rng(0))
-    # A real forward pass at a size the official code cannot take (not a multiple of 32) ...
+    # A real forward pass at a size the official code cannot take (not a multiple of 32), through the
+    # variant's stages with one block each: its widths, heads and reduction ratios, compiled in a
+    # fraction of the full depth's time (full-depth restv2_tiny runs for real in the README's example) ...
     x = jax.random.normal(jax.random.key(1), (1, 200, 232, 3))
-    logits, feats = jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, method=model.forward_features)))(variables, x)
+    shallow = model.clone(depths=(1, 1, 1, 1))
+    shallow_variables = _random_variables(shallow, np.random.default_rng(0))
+    logits, feats = jax.jit(lambda v, x: (shallow.apply(v, x), shallow.apply(v, x, method=shallow.forward_features)))(
+        shallow_variables, x)
     assert logits.shape == (1, 7) and bool(jnp.isfinite(logits).all())
     assert [f.shape[1:3] for f in feats] == [(50, 58), (25, 29), (13, 15), (7, 8)]
-    # ... and the shapes at 224 (the golden tests run the real computation at 224).
+    # ... and the full model's shapes at 224 (the golden tests run the real computation at 224).
     feats = jax.eval_shape(lambda x: model.apply(variables, x, method=model.forward_features), jnp.zeros((2, 224, 224, 3)))
     assert [f.shape[1:] for f in feats] == [(56 // 2 ** i, 56 // 2 ** i, model.embed_dims[i]) for i in range(4)]
     # Every parameter reaches the logits, in train mode too (compiling the backward pass of all eight

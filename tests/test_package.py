@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -39,15 +41,19 @@ def test_ci_runs_the_readme_test_command():
     assert command in _readme()
 
 
-def test_one_command_line_entry_point():
+def test_one_command_line_entry_point(capsys):
     """`python -m rest_jax COMMAND`: each subject's tool; an unknown command gets one usage line."""
+    from rest_jax.__main__ import COMMANDS, main
     run = lambda *args: subprocess.run([sys.executable, '-m', 'rest_jax', *args], cwd=REPO, capture_output=True,
                                        text=True, timeout=300)
     bad = run('nonsense')
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and "unknown command 'nonsense'" in bad.stderr
-    for command in ('convert', 'predict', 'export', 'benchmark', 'demo', 'deviceless'):
-        help_text = run(command, '--help')
-        assert help_text.returncode == 0 and 'usage:' in help_text.stdout, (command, help_text.stderr)
+    assert run('demo', '--help').stdout.startswith('usage: python -m rest_jax demo')
+    assert sorted(COMMANDS) == ['benchmark', 'convert', 'demo', 'deviceless', 'export', 'predict']
+    for command in COMMANDS:  # the others' --help in this process (each interpreter start costs seconds)
+        with pytest.raises(SystemExit) as done:
+            main([command, '--help'])
+        assert done.value.code == 0 and f'usage: python -m rest_jax {command}' in capsys.readouterr().out, command
 
 
 def test_pip_install_then_import_from_another_directory(tmp_path):

@@ -1,5 +1,6 @@
 """The sharded train step: 8 simulated devices == 1 device, 2 processes x 4 devices == 1 x 8,
-checkpoints restore onto other meshes, gradient accumulation of 2 x B == one step of 2B.
+checkpoints restore onto other meshes, fine-tuning weights loaded on one device are placed on the
+mesh, gradient accumulation of 2 x B == one step of 2B.
 
 The work runs in subprocesses (the device count is fixed when jax starts); each writes its results
 to an .npz that the tests compare. Run this file as a script to see the worker's usage.
@@ -118,6 +119,13 @@ def worker_devices(out_dir):
         np.savez(os.path.join(out_dir, f'{name}.npz'), **_flat(restored))
     ckpts.close()
 
+    # Fine-tuning's weights, loaded on one device, become a state sharded over the whole mesh.
+    loaded = jax.device_put({'params': s1.params, 'batch_stats': s1.batch_stats}, devices[0])
+    tuned, tuned_shardings = state_lib.create_state(model, tx, SIZE, config.seed, eight, variables=loaded)
+    fine_tune = {'on_mesh': all(x.sharding.mesh.size == 8 for x in jax.tree.leaves(tuned)),
+                 'as_planned': all(x.sharding == s for x, s in zip(jax.tree.leaves(tuned), jax.tree.leaves(tuned_shardings))),
+                 'values': all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned.params), jax.tree.leaves(s1.params)))}
+
     # A NaN in the input: the step reports it and leaves the state as it was (the loop then stops).
     before = _flat(s8)
     poisoned = dict(batches[0], image=np.full_like(batches[0]['image'], np.nan))
@@ -135,7 +143,7 @@ def worker_devices(out_dir):
     np.savez(os.path.join(out_dir, 'acc.npz'), **_flat(acc))
     np.savez(os.path.join(out_dir, 'full.npz'), **_flat(full))
     with open(os.path.join(out_dir, 'info.json'), 'w') as file:
-        json.dump({'nan': nan_ok, 'sharded': sharded, 'acc_step': int(acc.step), 'full_step': int(full.step)}, file)
+        json.dump({'nan': nan_ok, 'fine_tune': fine_tune, 'sharded': sharded, 'acc_step': int(acc.step), 'full_step': int(full.step)}, file)
 
 
 def worker_process(out_dir, port, index):
@@ -155,9 +163,8 @@ def worker_process(out_dir, port, index):
 
 
 def _env(devices):
-    # Compilation dominates these runs on a small CPU: XLA's cheap optimisation level cuts it 2-3x.
-    return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-                JAX_DISABLE_MOST_OPTIMIZATIONS='1', PYTHONPATH=str(REPO))
+    from conftest import subprocess_env  # not at the top: this file also runs as the workers' script
+    return subprocess_env(devices)
 
 
 def _run(args, devices, timeout=600):
@@ -234,6 +241,10 @@ def test_restore_onto_other_meshes_is_exact(results):
 
 def test_non_finite_loss_leaves_the_state_untouched(results):
     assert results['info']['nan'] == {'finite': False, 'unchanged': True}
+
+
+def test_fine_tune_weights_on_one_device_are_placed_on_the_mesh(results):
+    assert results['info']['fine_tune'] == {'on_mesh': True, 'as_planned': True, 'values': True}
 
 
 def test_gradient_accumulation_equals_big_batch(results):

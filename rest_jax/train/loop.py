@@ -127,10 +127,10 @@ def run(config, workdir: str) -> dict[str, float]:
       NonFiniteLoss: the loss became NaN/Inf (the checkpoints written before stay valid).
       ValueError: a config that does not fit the data or the devices.
     """
-    from rest_jax import data  # tensorflow lives behind this import, never behind `import rest_jax`
     if config.init_from is None:  # the fine-tuning configs leave it unset on purpose
         raise ValueError('this config fine-tunes a trained model: pass --config.init_from=DIR (a training workdir '
                          "or a converted checkpoint), or --config.init_from='' to train from scratch")
+    from rest_jax import data  # tensorflow lives behind this import, never behind `import rest_jax`
     workdir = workdir if '://' in str(workdir) else os.path.abspath(workdir)  # gs:// stays a URL
     info = data.dataset_info(config)
     if config.model.num_classes != info.num_classes:

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rest_jax.train import sharding
@@ -53,7 +54,16 @@ def create_state(model, tx, image_size: int, seed: int, mesh,
     def from_variables(params, stats):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
                           opt_state=tx.init(params), ema={'params': params, 'batch_stats': stats})
-    state = jax.jit(from_variables, out_shardings=shardings)(variables['params'], variables.get('batch_stats', {}))
+
+    def place(value, target):
+        # Each process writes its own shards from its host copy (every process loaded the same weights):
+        # the loaded arrays sit on one device, which a jit over the whole mesh would refuse.
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+    params = jax.tree.map(place, variables['params'], shardings.params)
+    stats = jax.tree.map(place, variables.get('batch_stats', {}), shardings.batch_stats)
+    state = jax.jit(from_variables, in_shardings=(shardings.params, shardings.batch_stats),
+                    out_shardings=shardings)(params, stats)
     return state, shardings
 
 
