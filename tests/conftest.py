@@ -22,14 +22,14 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
         sys.modules['jax'].config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 # The suite's programs are small and each runs a few times, so XLA's optimisation of the generated CPU
-# code (LLVM) costs far more than it saves: at this level a reduced model's init compiles 3.7x faster
-# and its gradient 1.6x faster (2-core AMD EPYC). The HLO program is the same; results may differ from
+# code (LLVM) costs far more than it saves: at this level a reduced model's init compiles ~3x faster
+# and its gradient ~1.7x faster (2-core AMD EPYC; docs/testing.md, docs/compile_time.py). The HLO program is the same; results may differ from
 # the default level in the last bit (FMA contraction), which no test compares across levels. The TPU
 # compile of tests/test_deviceless.py turns it off again: that test examines the program users get.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
-# Likewise XLA:CPU's older fusion code generator, which compiles the suite's training steps ~2.4x
-# faster than the default one (a reduced restv2_tiny's gradient: 15.9 -> 6.5 s). XLA aborts on a flag
+# Likewise XLA:CPU's older fusion code generator, which compiles the suite's training steps ~2.8x
+# faster than the default one (a reduced restv2_tiny's gradient: 16.6 -> 5.9 s). XLA aborts on a flag
 # it does not know, and the jax range in pyproject.toml spans several XLA releases, so it is asked first
 # (once: pytest-xdist's workers and the tests' subprocesses inherit the environment).
 _FAST_COMPILE_FLAG = '--xla_cpu_use_fusion_emitters=false'
