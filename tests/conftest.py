@@ -3,6 +3,7 @@
 import atexit
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,24 +23,24 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
         sys.modules['jax'].config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 # The suite's programs are small and each runs a few times, so XLA's optimisation of the generated CPU
-# code (LLVM) costs far more than it saves: at this level a reduced model's init compiles ~3x faster
-# and its gradient ~1.7x faster (2-core AMD EPYC; docs/testing.md, docs/compile_time.py). The HLO program is the same; results may differ from
-# the default level in the last bit (FMA contraction), which no test compares across levels. The TPU
-# compile of tests/test_deviceless.py turns it off again: that test examines the program users get.
+# code (LLVM) costs far more than it saves: at this level a reduced model's init compiles ~3x faster and
+# its gradient ~1.7x faster (2-core AMD EPYC; docs/testing.md, docs/compile_time.py). The HLO program is
+# the same; results may differ from the default level in the last bit (FMA contraction), which no test
+# compares across levels. The TPU compile of tests/test_deviceless.py turns it off again: that test
+# examines the program users get.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
 # Likewise XLA:CPU's older fusion code generator, which compiles the suite's training steps ~2.8x
 # faster than the default one (a reduced restv2_tiny's gradient: 16.6 -> 5.9 s). XLA aborts on a flag
-# it does not know, and the jax range in pyproject.toml spans several XLA releases, so it is asked first
-# (once: pytest-xdist's workers and the tests' subprocesses inherit the environment).
-_FAST_COMPILE_FLAG = '--xla_cpu_use_fusion_emitters=false'
-if 'REST_JAX_TEST_XLA_FLAGS' not in os.environ:
-    import subprocess
-    _flags = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE_FLAG}".strip()
-    _probe = subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], capture_output=True,
-                            env=dict(os.environ, XLA_FLAGS=_flags, JAX_PLATFORMS='cpu'))
-    os.environ['REST_JAX_TEST_XLA_FLAGS'] = _flags if _probe.returncode == 0 else os.environ.get('XLA_FLAGS', '')
-    os.environ['XLA_FLAGS'] = os.environ['REST_JAX_TEST_XLA_FLAGS']
+# it does not know, and the jax range in pyproject.toml spans several XLA releases, so a subprocess
+# tries it first, once: the marker variable tells pytest-xdist's workers and the tests' subprocesses,
+# which inherit the environment, that it was tried.
+if 'REST_JAX_TEST_XLA_FLAGS_TRIED' not in os.environ:
+    os.environ['REST_JAX_TEST_XLA_FLAGS_TRIED'] = '1'
+    _flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
+    if subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], capture_output=True,
+                      env=dict(os.environ, XLA_FLAGS=_flags, JAX_PLATFORMS='cpu')).returncode == 0:
+        os.environ['XLA_FLAGS'] = _flags
 
 # The suite runs on the host CPU. With libtpu installed (tests/test_deviceless.py needs it), JAX would
 # otherwise probe for a TPU first, and libtpu prints warnings off a TPU VM into the CLIs' stderr.
@@ -65,13 +66,22 @@ REDUCED = {
 }
 
 
-def subprocess_env(devices: int | None = None, **extra) -> dict:
+def subprocess_env(devices: int | None = None) -> dict:
     """The environment for a test's jax subprocess: this suite's settings above (the shared compilation
     cache, the compile flags) and this checkout on the path; `devices` simulated CPU devices."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), **extra)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     if devices is not None:
         env['XLA_FLAGS'] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     return env
+
+
+def run_main(main, capsys, *args) -> subprocess.CompletedProcess:
+    """A command-line tool's `main(args)` in this process, as if run (no interpreter start, no imports
+    repeated): its exit code and what it printed, in a subprocess's result."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def golden_path(name: str) -> Path:

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import rest_jax
-from conftest import REDUCED, REPO, golden_path, relative_error
+from conftest import REDUCED, REPO, golden_path, relative_error, run_main
 from rest_jax.convert import convert_checkpoint, load_pth, recognize_variant
+from rest_jax.convert.__main__ import main as convert_main
 from test_pth import _Payload, _op_str, _write_malicious, tensor_op, write_zip_checkpoint
 
 # What each golden file needs on the command line. The reduced layouts are no registered variant, so
@@ -30,15 +31,6 @@ CLI_FLAGS = {
 def run_cli(*args):
     return subprocess.run([sys.executable, '-m', 'rest_jax.convert', *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
-
-
-def run_cli_here(capsys, *args):
-    """The same command in this process (no interpreter start): its exit code and output."""
-    from rest_jax.convert.__main__ import main
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,7 +198,7 @@ def test_cli_bad_sources(tmp_path, v1_state_dict, capsys):
     ]
     for i, (args, fragments) in enumerate(cases):
         # The first as a real process (exit status, nothing else on stderr), the rest in this one.
-        assert_cli_error(run_cli(*args) if i == 0 else run_cli_here(capsys, *args), *fragments)
+        assert_cli_error(run_cli(*args) if i == 0 else run_main(convert_main, capsys, *args), *fragments)
         assert not dst.exists(), args
         assert sorted(p.name for p in tmp_path.iterdir()) == ['no_stage4.pth', 'notes.txt', 'partial.pth', 'truncated.pth'], args
 

@@ -4,7 +4,6 @@ gs:// workdirs for metrics.jsonl and TensorBoard; train.py on 8 devices trains o
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys

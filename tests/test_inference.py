@@ -13,7 +13,7 @@ import rest_jax
 from rest_jax import inference
 from rest_jax.convert import convert_checkpoint
 from rest_jax.convert.state_dict import abstract_variables
-from conftest import REPO, golden_path, relative_error
+from conftest import REPO, golden_path, relative_error, run_main
 
 # The golden v2 model's head counts are not visible in its shapes (tests/conftest.py REDUCED).
 GOLDEN_HEADS = {'num_heads': [1, 2, 4, 8]}
@@ -238,14 +238,12 @@ def test_predict_cli(converted, tmp_path, capsys):
     assert text[1].split()[-1] == f'({top.classes[0, 0]})'
 
     (tmp_path / 'notes.txt').write_text('not an image')
-    from rest_jax.inference import main
     for args, fragment in [(['--checkpoint', converted, tmp_path / 'missing.jpg'], 'no such file'),
                            (['--checkpoint', converted, tmp_path / 'notes.txt'], 'not a readable image'),
                            (['--checkpoint', tmp_path, paths[0]], 'not a rest_jax checkpoint')]:
-        capsys.readouterr()  # in this process: the two runs above were real ones
-        code, bad = main(['--top-k', '3', *map(str, args)]), capsys.readouterr()
-        assert code == 1 and bad.out == ''
-        assert bad.err.startswith('error: ') and fragment in bad.err and len(bad.err.splitlines()) == 1
+        bad = run_main(inference.main, capsys, *args)  # in this process: the two runs above were real ones
+        assert bad.returncode == 1 and bad.stdout == ''
+        assert bad.stderr.startswith('error: ') and fragment in bad.stderr and len(bad.stderr.splitlines()) == 1
 
 
 def test_notebook_runs(tmp_path, monkeypatch):

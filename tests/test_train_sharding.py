@@ -122,9 +122,10 @@ def worker_devices(out_dir):
     # Fine-tuning's weights, loaded on one device, become a state sharded over the whole mesh.
     loaded = jax.device_put({'params': s1.params, 'batch_stats': s1.batch_stats}, devices[0])
     tuned, tuned_shardings = state_lib.create_state(model, tx, SIZE, config.seed, eight, variables=loaded)
+    pairs = lambda a, b: zip(jax.tree.leaves(a), jax.tree.leaves(b))  # noqa: E731
     fine_tune = {'on_mesh': all(x.sharding.mesh.size == 8 for x in jax.tree.leaves(tuned)),
-                 'as_planned': all(x.sharding == s for x, s in zip(jax.tree.leaves(tuned), jax.tree.leaves(tuned_shardings))),
-                 'values': all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned.params), jax.tree.leaves(s1.params)))}
+                 'as_planned': all(x.sharding == s for x, s in pairs(tuned, tuned_shardings)),
+                 'values': all(np.array_equal(a, b) for a, b in pairs(tuned.params, s1.params))}
 
     # A NaN in the input: the step reports it and leaves the state as it was (the loop then stops).
     before = _flat(s8)
@@ -143,7 +144,8 @@ def worker_devices(out_dir):
     np.savez(os.path.join(out_dir, 'acc.npz'), **_flat(acc))
     np.savez(os.path.join(out_dir, 'full.npz'), **_flat(full))
     with open(os.path.join(out_dir, 'info.json'), 'w') as file:
-        json.dump({'nan': nan_ok, 'fine_tune': fine_tune, 'sharded': sharded, 'acc_step': int(acc.step), 'full_step': int(full.step)}, file)
+        json.dump({'nan': nan_ok, 'fine_tune': fine_tune, 'sharded': sharded, 'acc_step': int(acc.step),
+                   'full_step': int(full.step)}, file)
 
 
 def worker_process(out_dir, port, index):

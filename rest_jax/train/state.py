@@ -62,8 +62,7 @@ def create_state(model, tx, image_size: int, seed: int, mesh,
         return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
     params = jax.tree.map(place, variables['params'], shardings.params)
     stats = jax.tree.map(place, variables.get('batch_stats', {}), shardings.batch_stats)
-    state = jax.jit(from_variables, in_shardings=(shardings.params, shardings.batch_stats),
-                    out_shardings=shardings)(params, stats)
+    state = jax.jit(from_variables, out_shardings=shardings)(params, stats)
     return state, shardings
 
 
