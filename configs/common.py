@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.embed_dims = placeholder(tuple)  # architecture overrides; None = the variant's own
     c.model.depths = placeholder(tuple)      # blocks per stage; None = the variant's own
     c.model.num_heads = placeholder(tuple)   # heads per stage; None = the variant's own
-    c.model.impl = 'auto'               # kernel forms (rest_jax.ops): 'auto' (for the mesh's devices) | 'xla' | 'cpu'
+    c.model.impl = 'auto'               # kernel forms (rest_jax.ops): 'auto' (for the mesh's devices) | 'xla' | 'cpu' | 'tpu'
     c.model.remat = 'none'              # recompute blocks in the backward pass: 'none' | 'block' | a jax.checkpoint_policies name
     c.model.conv_impl = placeholder(str)  # former name of impl ('lax' = 'xla', 'shift' = 'cpu'); wins when set
 

@@ -232,7 +232,7 @@ def compile_for_target(target: str, name: str = 'restv2_tiny', mode: str = 'trai
       image_size: default: the config's (224).
       config: a config to use instead of the variant's recipe (its model.name wins over `name`).
       remat: config.model.remat ('none', 'block' or a jax.checkpoint_policies name); default: the config's.
-      impl: config.model.impl; default 'auto', resolved for the target's devices (the portable forms on TPU).
+      impl: config.model.impl; default 'auto', resolved for the target's devices (the TPU forms, rest_jax.ops.tpu).
       **overrides: create_model arguments (a reduced architecture: embed_dims, depths, num_classes...).
 
     Raises:
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--mesh.fsdp', dest='fsdp', type=int, default=1, help='fsdp axis size (config.mesh.fsdp)')
     parser.add_argument('--remat', help="recompute blocks in the backward pass: none, block or a jax.checkpoint_policies "
                                             "name (default: the recipe's, none)")
-    parser.add_argument('--impl', choices=['auto', 'xla', 'cpu'], help='kernel forms (default auto: the portable forms on a TPU)')
+    parser.add_argument('--impl', choices=['auto', 'xla', 'cpu', 'tpu'], help='kernel forms (default auto: the TPU forms on a TPU, the portable forms on a GPU)')
     parser.add_argument('--config', help='a configs/*.py file instead of the variant\'s recipe (e.g. a 384 fine-tune)')
     parser.add_argument('--arch', type=json_object, default={}, metavar='JSON',
                         help='create_model overrides, e.g. \'{"embed_dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1]}\'')

@@ -9,8 +9,8 @@ imports only jax and numpy at the top, so a serving process needs neither flax n
 
 Kernel forms (rest_jax.ops): an artifact for the CPU only is traced with the CPU forms (exact rewrites
 that XLA:CPU runs faster, chosen for the exporting host's instruction set and correct on any x86 or Arm
-CPU); an artifact for several platforms, or for GPUs/TPUs, with the portable forms, so that every
-platform gets the program the models are tested with there.
+CPU); an artifact for TPUs only with the TPU forms; an artifact for several platforms, or for GPUs,
+with the portable forms, so that every platform gets the program the models are tested with there.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ DTYPES = ('float32', 'bfloat16')
 
 
 # --- exporting (needs the model code) --------------------------------------------------------------
+
+def kernel_forms(platforms: tuple[str, ...]) -> str:
+    """The kernel forms (rest_jax.ops) an artifact for `platforms` is traced with (see the module docstring)."""
+    return platforms[0] if platforms in (('cpu',), ('tpu',)) else 'xla'
+
 
 def check_platforms(platforms: str | Sequence[str]) -> tuple[str, ...]:
     """`platforms` ('cpu,cuda' or a sequence) as a tuple of jax.export platform names; ValueError otherwise."""
@@ -68,7 +73,7 @@ def export_model(model: Any, variables: Any, *, input_size: int | tuple[int, int
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None (any), got {batch_size!r}")
     height, width = (input_size, input_size) if isinstance(input_size, (int, np.integer)) else input_size
-    impl = 'cpu' if platforms == ('cpu',) else 'xla'   # see the module docstring
+    impl = kernel_forms(platforms)
     model = model.clone(impl=impl, conv_impl=None, dtype=jnp.dtype(dtype), remat='none')
     variables = jax.tree.map(jnp.asarray, {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})})
 
@@ -117,7 +122,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
                   'note': "normalized images: rest_jax.preprocess, or resize/crop/mean/std from 'preprocessing'"},
         'output': {'shape': [batch_size, exported.out_avals[0].shape[-1]], 'dtype': 'float32',
                    'what': 'pooled features (pre-logits)' if pre_logits else 'logits'},
-        'platforms': list(platforms), 'dtype': dtype, 'kernel_forms': 'cpu' if platforms == ('cpu',) else 'xla',
+        'platforms': list(platforms), 'dtype': dtype, 'kernel_forms': kernel_forms(platforms),
         'jax_version': jax.__version__,
     }
     save_exported(out, exported, meta, force=force)

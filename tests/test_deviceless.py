@@ -62,8 +62,8 @@ def state_bytes(ct) -> tuple[int, int]:
 def test_train_step_for_a_tpu_slice(fsdp2):
     ct, r = fsdp2
     assert r['device_kind'] == 'TPU v5 lite' and r['chips'] == 4 and r['mesh'] == {'data': 2, 'fsdp': 2}
-    # The kernel forms follow the target, not this CPU host: the portable ones, no CPU fence in the program.
-    assert ct.model.impl == r['impl'] == 'xla' and 'reduce-precision' not in ct.compiled.as_text()
+    # The kernel forms follow the target, not this CPU host: the TPU ones, no CPU fence in the program.
+    assert ct.model.impl == r['impl'] == 'tpu' and 'reduce-precision' not in ct.compiled.as_text()
     # The batch is split over every chip (the fsdp chips take their own rows too).
     images = ct.compiled.input_shardings[0][1]['image']
     assert images.spec[0] == ('data', 'fsdp') and images.shard_shape((4 * PER_CHIP, 64, 64, 3))[0] == PER_CHIP

@@ -54,13 +54,14 @@ def test_matches_official_outputs(stem):
 
 @pytest.mark.parametrize('stem', list(REDUCED))
 def test_depthwise_forms_agree_on_golden(stem):
-    """The 'shift' form (fast on CPU) and XLA's grouped conv give the same model outputs."""
+    """The CPU forms ('shift'), the TPU forms (v2's upsample as a transposed conv) and XLA's grouped
+    convs give the same model outputs on the official weights."""
     model, ckpt, gold = _golden_model(stem)
     variables = rest_jax.variables_from_state_dict(model, ckpt['model'])
     x = gold['input_rect']
     with jax.default_matmul_precision('float32'):
-        outs = [jax.jit(model.clone(conv_impl=impl).apply)(variables, x) for impl in ('shift', 'lax')]
-    assert relative_error(outs[0], outs[1]) < 1e-5
+        outs = [jax.jit(model.clone(conv_impl=impl).apply)(variables, x) for impl in ('shift', 'tpu', 'lax')]
+    assert relative_error(outs[0], outs[2]) < 1e-5 and relative_error(outs[1], outs[2]) < 1e-5
 
 
 @pytest.mark.parametrize('stem', list(REDUCED))

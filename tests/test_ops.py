@@ -1,5 +1,5 @@
-"""The kernel forms (rest_jax.ops): their resolution for a target platform, and every CPU form against
-the portable reference, values and gradients."""
+"""The kernel forms (rest_jax.ops): their resolution for a target platform, and every CPU and TPU form
+against the portable reference, values and gradients."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 
 import rest_jax
 from rest_jax import ops
-from rest_jax.ops import cpu, cpu_isa, portable
+from rest_jax.ops import cpu, cpu_isa, portable, tpu
 
-FORMS = {'cpu': cpu, 'xla': portable}
+FORMS = {'cpu': cpu, 'xla': portable, 'tpu': tpu}
 
 
 def test_cpu_forms_equal_xla_convolutions():
@@ -45,15 +45,43 @@ def test_cpu_forms_equal_xla_convolutions():
         for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     for r in (8, 4, 2, 1):
-        x = jax.random.normal(jax.random.key(0), (2, 5, 6, 6))
-        v = {'kernel': jax.random.normal(jax.random.key(1), (3, 3, 1, 6 * r * r)),
-             'bias': jax.random.normal(jax.random.key(3), (6 * r * r,))}   # nonzero bias
-        target = jax.random.normal(jax.random.key(2), (2, 5 * r, 6 * r, 6))
-        results = [jax.jit(jax.value_and_grad(lambda v, x: jnp.sum(jnp.tanh(f(x, v['kernel'], v['bias'], r)) * target),
-                                              argnums=(0, 1)))(v, x)
-                   for f in (cpu.upsample, portable.upsample)]
-        for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        _assert_upsample_equals_portable(cpu.upsample, r)
+
+
+def _assert_upsample_equals_portable(form, r: int) -> None:
+    """`form` of v2's upsample branch against the portable one at ratio r, values and gradients."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 6))
+    v = {'kernel': jax.random.normal(jax.random.key(1), (3, 3, 1, 6 * r * r)),
+         'bias': jax.random.normal(jax.random.key(3), (6 * r * r,))}   # nonzero bias
+    target = jax.random.normal(jax.random.key(2), (2, 5 * r, 6 * r, 6))
+    results = [jax.jit(jax.value_and_grad(lambda v, x: jnp.sum(jnp.tanh(f(x, v['kernel'], v['bias'], r)) * target),
+                                          argnums=(0, 1)))(v, x)
+               for f in (form, portable.upsample)]
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5)
+
+
+def test_tpu_forms_equal_portable_forms():
+    """The TPU forms against the portable ones, values and gradients: v2's upsample branch as one
+    transposed (input-dilated) depthwise conv with its hand-written kernel gradient (at ratios 8, 4 and
+    2, though the TPU forms take it at 8 and 4 only), and the MLP's fc2 on GELU with GELU recomputed in
+    the backward pass, which keeps only its input."""
+    assert tpu.TRANSPOSED_RATIOS == (4, 8)
+    for r in (8, 4, 2):
+        _assert_upsample_equals_portable(tpu._transposed_upsample, r)
+    for r in (8, 4, 2, 1):
+        _assert_upsample_equals_portable(tpu.upsample, r)
+    h = jax.random.normal(jax.random.key(0), (2, 7, 5, 24)) * 2
+    v = {'kernel': jax.random.normal(jax.random.key(1), (24, 6)), 'bias': jax.random.normal(jax.random.key(3), (6,))}
+    target = jax.random.normal(jax.random.key(2), (2, 7, 5, 6))
+    results = [jax.jit(jax.value_and_grad(lambda v, h: jnp.sum(jnp.tanh(f(h, v['kernel'], v['bias'])) * target),
+                                          argnums=(0, 1)))(v, h)
+               for f in (tpu.gelu_dense, portable.gelu_dense)]
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # Only GELU's input crosses from the forward to the backward pass.
+    _, residuals = jax.linearize(lambda h: tpu.gelu_dense(h, v['kernel'], v['bias']), h)
+    assert [x.shape for x in jax.tree.leaves(residuals) if getattr(x, 'shape', ()) == h.shape[:-1] + (24,)] == [h.shape]
 
 
 def test_exact_gelu_gradient():
@@ -158,10 +186,10 @@ def test_strided_conv_gradient_form_by_isa():
 
 
 @pytest.mark.parametrize('name', ['rest_lite', 'restv2_tiny'])
-def test_cpu_forms_give_the_same_model_gradients(name):
+def test_cpu_and_tpu_forms_give_the_same_model_gradients(name):
     """Every CPU form together (depthwise and dense convs, the gradient fences between blocks and between
-    stages) in a model with every stage and two blocks in one: the training gradients and BatchNorm
-    updates equal XLA's plain ones."""
+    stages), and every TPU form, in a model with every stage and two blocks in one: the training
+    gradients and BatchNorm updates equal XLA's plain ones."""
     model = rest_jax.create_model(name, embed_dims=[8, 16, 32, 64], depths=[1, 2, 1, 1], num_classes=5)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     x = jax.random.normal(jax.random.key(1), (2, 64, 72, 3))
@@ -172,9 +200,10 @@ def test_cpu_forms_give_the_same_model_gradients(name):
         return jnp.sum(jnp.tanh(out) * jnp.arange(5.0)), updates
 
     results = [jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(variables['params'], impl)
-               for impl in ('cpu', 'xla')]
-    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+               for impl in ('cpu', 'tpu', 'xla')]
+    for forms in results[:2]:
+        for a, b in zip(jax.tree.leaves(forms), jax.tree.leaves(results[2])):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
 # --- which forms run --------------------------------------------------------------------------------
@@ -189,13 +218,14 @@ def test_auto_resolves_for_the_target_devices_not_the_host():
     class Device:
         def __init__(self, platform):
             self.platform = platform
-    assert ops.resolve('auto', jax.devices()) == ('cpu' if jax.devices()[0].platform == 'cpu' else 'xla')
-    assert ops.resolve('auto', [Device('tpu')] * 4) == ops.resolve('auto', np.array([[Device('gpu')]])) == 'xla'
+    assert ops.resolve('auto', jax.devices()) == jax.devices()[0].platform
+    assert ops.resolve('auto', [Device('tpu')] * 4) == 'tpu'
+    assert ops.resolve('auto', np.array([[Device('gpu')]])) == ops.resolve('auto', [Device('cuda')]) == 'xla'
     assert ops.resolve('auto', [Device('cpu')]) == 'cpu'
     with _tpu_mesh():
-        assert ops.resolve('auto') == 'xla'
-    assert [ops.resolve(i, [Device('tpu')]) for i in ('cpu', 'shift', 'xla', 'lax')] == ['cpu', 'cpu', 'xla', 'xla']
-    with pytest.raises(ValueError, match="one of auto, xla, cpu, got 'fast'"):
+        assert ops.resolve('auto') == 'tpu'
+    assert [ops.resolve(i, [Device('tpu')]) for i in ('cpu', 'shift', 'xla', 'lax', 'tpu')] == ['cpu', 'cpu', 'xla', 'xla', 'tpu']
+    with pytest.raises(ValueError, match="one of auto, xla, cpu, tpu, got 'fast'"):
         ops.resolve('fast')
     with pytest.raises(ValueError, match='one platform'):
         ops.resolve('auto', [Device('tpu'), Device('cpu')])
@@ -220,6 +250,8 @@ def _primitives(model, variables, x) -> set[str]:
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
             names.add(eqn.primitive.name)
+            if eqn.primitive.name == 'conv_general_dilated' and max(eqn.params['lhs_dilation']) > 1:
+                names.add('transposed conv')
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 walk(sub)
     walk(jaxpr.jaxpr)
@@ -228,19 +260,25 @@ def _primitives(model, variables, x) -> set[str]:
 
 @pytest.mark.parametrize('name', ['rest_lite', 'restv2_tiny'])
 def test_model_forms_follow_the_target(name):
-    """A model with impl='auto' traced for a TPU mesh on this (CPU) host takes the portable forms: grouped
-    convolutions, no CPU fences or hand-written CPU gradients; 'cpu' takes the CPU forms. The former
-    name `conv_impl` still selects them."""
+    """A model with impl='auto' traced for a TPU mesh on this (CPU) host takes the TPU forms: grouped
+    convolutions, no CPU fences or hand-written CPU gradients, GELU recomputed in the backward pass, and
+    (v2) the upsample branch as a transposed conv; 'xla' the portable forms, 'cpu' the CPU forms. The
+    former name `conv_impl` still selects them."""
     model = rest_jax.create_model(name, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_classes=5)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
     with _tpu_mesh():
-        portable_ops = _primitives(model, variables, x)
+        tpu_ops = _primitives(model, variables, x)
     cpu_ops = _primitives(model.clone(impl='cpu'), variables, x)
+    portable_ops = _primitives(model.clone(impl='xla'), variables, x)
     assert _primitives(model.clone(conv_impl='shift'), variables, x) == cpu_ops
-    assert _primitives(model.clone(impl='xla'), variables, x) == portable_ops
+    assert _primitives(model.clone(impl='tpu'), variables, x) == tpu_ops
     assert 'reduce_precision' in cpu_ops and 'custom_vjp_call' in str(cpu_ops)
-    assert 'reduce_precision' not in portable_ops and 'conv_general_dilated' in portable_ops
+    for forms in (portable_ops, tpu_ops):
+        assert 'reduce_precision' not in forms and 'conv_general_dilated' in forms
+    extra = tpu_ops - portable_ops   # jax.checkpoint's primitive is 'remat2' or 'checkpoint', by jax version
+    assert len(extra & {'remat2', 'checkpoint'}) == 1
+    assert ('transposed conv' in extra) == name.startswith('restv2')
     assert rest_jax.create_model(name, conv_impl='lax').conv_impl == 'xla'
     with pytest.raises(ValueError, match='kernel forms'):
         rest_jax.create_model(name, impl='gpu')

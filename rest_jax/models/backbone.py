@@ -18,7 +18,7 @@ class Backbone(nn.Module):
 
     A subclass defines, in setup, `stage1`..`stage4` (lists of blocks), `norm`, `head` (when
     num_classes > 0) and `embeddings()`: its four patch embeddings in order. It has the fields
-    `embed_dims`, `dtype`, `num_classes`, `impl` (kernel forms: 'auto' | 'xla' | 'cpu', see
+    `embed_dims`, `dtype`, `num_classes`, `impl` (kernel forms: 'auto' | 'xla' | 'cpu' | 'tpu', see
     rest_jax.ops) and `conv_impl` (the setting's former name; when given it wins) and `remat` (see
     `rematerialized`). Its methods follow timm's names: `forward_features` (the four stage outputs),
     `forward_head` (norm, pool, head; `pre_logits=True` stops before the head), `feature_info`.

@@ -80,7 +80,7 @@ def create_model(name: str, *, features_only: bool = False, out_indices: Sequenc
         3 in out_indices.
       **kwargs: overrides of the variant's arguments, e.g. `num_classes` (0: no head, `__call__` gives
         the pooled features), `drop_path_rate`, `dtype` (computation dtype; parameters stay float32),
-        `impl` (kernel forms: 'auto' | 'xla' | 'cpu', see rest_jax.ops; `conv_impl` is its former name),
+        `impl` (kernel forms: 'auto' | 'xla' | 'cpu' | 'tpu', see rest_jax.ops; `conv_impl` is its former name),
         `remat` ('none', 'block' or a jax.checkpoint_policies name: recompute blocks in the backward
         pass), or the architecture itself (`embed_dims`, `depths`, `num_heads`, `sr_ratios`, ...).
 

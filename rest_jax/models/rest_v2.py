@@ -117,7 +117,7 @@ class ResTV2(Backbone):
     depths: Sequence[int] = (2, 2, 2, 2)
     sr_ratios: Sequence[int] = (8, 4, 2, 1)
     dtype: layers.Dtype = jnp.float32   # computation dtype; parameters are float32
-    impl: str = 'auto'                  # kernel forms: 'auto' | 'xla' | 'cpu' (rest_jax.ops)
+    impl: str = 'auto'                  # kernel forms: 'auto' | 'xla' | 'cpu' | 'tpu' (rest_jax.ops)
     conv_impl: str | None = None        # former name of `impl` ('lax' = 'xla', 'shift' = 'cpu')
     remat: str = 'none'                 # recompute blocks in the backward pass: 'none' | 'block' | a jax.checkpoint_policies name
 

@@ -1,6 +1,6 @@
-"""Which kernel forms a program uses: 'xla' (portable) or 'cpu', resolved for the devices it is compiled for.
+"""Which kernel forms a program uses: 'xla' (portable), 'cpu' or 'tpu', resolved for the devices it is compiled for.
 
-The setting (`impl`) is 'auto', 'xla' or 'cpu'. 'auto' resolves from the platform of the devices the
+The setting (`impl`) is 'auto', 'xla', 'cpu' or 'tpu'. 'auto' resolves from the platform of the devices the
 program is compiled for, never from the host's default backend: a TPU program compiled on a CPU host
 (deviceless compilation) must not get the CPU forms. In order of precedence, those devices are the
 ones passed in (a mesh's devices, a topology's), the mesh set with `jax.set_mesh`, the default device.
@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-IMPLS = ('auto', 'xla', 'cpu')
+IMPLS = ('auto', 'xla', 'cpu', 'tpu')
 ALIASES = {'lax': 'xla', 'shift': 'cpu'}   # the names of the former `conv_impl` setting
 
 _ACTIVE: contextvars.ContextVar[str | None] = contextvars.ContextVar('rest_jax_kernel_forms', default=None)
@@ -50,11 +50,13 @@ def target_platform(devices: Any = None) -> str:
 
 
 def resolve(impl: str = 'auto', devices: Any = None) -> str:
-    """'xla' or 'cpu': `impl` itself, or for 'auto' the forms of `target_platform(devices)`."""
+    """'xla', 'cpu' or 'tpu': `impl` itself, or for 'auto' the forms of `target_platform(devices)` (the
+    portable 'xla' forms on GPUs and other platforms)."""
     impl = canonical(impl)
     if impl != 'auto':
         return impl
-    return 'cpu' if target_platform(devices) == 'cpu' else 'xla'
+    platform = target_platform(devices)
+    return platform if platform in ('cpu', 'tpu') else 'xla'
 
 
 @contextlib.contextmanager

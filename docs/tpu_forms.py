@@ -1,0 +1,91 @@
+"""XLA's TPU figures for one ResTv2 block's training step, upsample branch in each form, without a TPU.
+
+    pip install -r requirements-tpu.txt
+    python docs/tpu_forms.py [--target v5p:2x2x1] [--batch-per-chip 128] [--stages 1 2 3]
+
+For each stage of restv2_tiny (its width, heads and reduction ratio; 224 x 224 input, so 7 x 7 reduced
+values) it compiles the gradient of one block for the target's chips, batch split over them, bfloat16,
+and prints XLA's bytes accessed and time estimate per chip with three forms of the upsample branch:
+the portable form (grouped conv, then PixelShuffle), the transposed conv differentiated by autodiff,
+and the transposed conv with rest_jax.ops.tpu's custom VJP (the TPU form at ratios 4 and 8). Compiler
+estimates, not measurements; ~10 minutes on a 2-core host. The figures behind
+rest_jax.ops.tpu.TRANSPOSED_RATIOS (docs/tpu.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+from rest_jax import deviceless, hlo_stats, ops  # noqa: E402
+from rest_jax.models import rest_v2  # noqa: E402
+from rest_jax.ops import portable, tpu  # noqa: E402
+
+STAGES = {1: (96, 1, 8, 56), 2: (192, 2, 4, 28), 3: (384, 4, 2, 14)}   # width, heads, ratio, side
+
+
+def _autodiff_transposed(x, kernel, bias, ratio):
+    """The transposed-conv form without the custom VJP (the kernel gradient by autodiff)."""
+    return tpu._transposed_upsample.fun(x, kernel, bias, ratio)
+
+
+FORMS = {'portable': portable.upsample, 'transposed, autodiff': _autodiff_transposed,
+         'transposed, custom VJP': tpu._transposed_upsample}
+
+
+def block_step(stage: int, devices, per_chip: int, upsample) -> dict:
+    c, heads, r, side = STAGES[stage]
+    block = rest_v2.Block(heads, r, 0.0, jnp.bfloat16)
+    mesh = Mesh(np.array(devices), ('data',))
+    x = jax.ShapeDtypeStruct((per_chip * len(devices), side, side, c), jnp.bfloat16,
+                             sharding=NamedSharding(mesh, P('data')))
+    params = jax.eval_shape(block.init, jax.random.key(0), jnp.zeros((1, side, side, c), jnp.bfloat16))
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())), params)
+
+    def loss(params, x):
+        with ops.kernel_forms('xla'):
+            return jnp.sum(jnp.square(block.apply(params, x).astype(jnp.float32)))
+
+    saved = portable.upsample
+    portable.upsample = upsample
+    try:
+        start = time.perf_counter()
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    finally:
+        portable.upsample = saved
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    gathers = hlo_stats.collectives(compiled.as_text()).get('all-gather', {})
+    return {'bytes': cost['bytes accessed'], 'seconds': cost.get('optimal_seconds', -1.0),
+            'gathered': gathers.get('bytes', 0), 'compile_s': time.perf_counter() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--target', default='v5p:2x2x1')
+    parser.add_argument('--batch-per-chip', type=int, default=128)
+    parser.add_argument('--stages', type=int, nargs='+', default=[1, 2, 3], choices=sorted(STAGES))
+    args = parser.parse_args()
+    devices = deviceless.topology_devices(args.target)
+    print(f'one restv2_tiny block, training step, {args.batch_per_chip} per chip on {args.target} '
+          f'({len(devices)} chips), bfloat16; XLA per chip (compiler estimates)')
+    print('| stage (ratio) | upsample form | bytes accessed | XLA estimate | activations all-gathered | compile |')
+    print('|---|---|---:|---:|---:|---:|')
+    for stage in args.stages:
+        for name, form in FORMS.items():
+            f = block_step(stage, devices, args.batch_per_chip, form)
+            est = f'{f["seconds"] * 1e3:.2f} ms' if f['seconds'] > 0 else '-'
+            print(f'| {stage} (r = {STAGES[stage][2]}) | {name} | {f["bytes"] / 1e9:.2f} GB | {est} | '
+                  f'{f["gathered"] / 1e6:.0f} MB | {f["compile_s"]:.0f} s |', flush=True)
+
+
+if __name__ == '__main__':
+    main()
