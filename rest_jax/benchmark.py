@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--mode', default='infer', choices=['infer', 'train'])
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
     parser.add_argument('--repeats', type=int, default=10, help='timed calls (median reported)')
-    parser.add_argument('--impl', '--conv-impl', dest='impl', default='auto', choices=['auto', 'xla', 'cpu', 'tpu', 'lax', 'shift'],
+    parser.add_argument('--impl', '--conv-impl', dest='impl', default='auto',
+                        choices=['auto', 'xla', 'cpu', 'tpu', 'lax', 'shift'],
                         help="kernel forms (rest_jax.ops; auto: 'cpu' on a CPU, 'tpu' on a TPU, 'xla' elsewhere; "
                              "--conv-impl, lax and shift are the former names)")
     parser.add_argument('--arch', type=deviceless.json_object, default={}, metavar='JSON',

@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--mesh.fsdp', dest='fsdp', type=int, default=1, help='fsdp axis size (config.mesh.fsdp)')
     parser.add_argument('--remat', help="recompute blocks in the backward pass: none, block or a jax.checkpoint_policies "
                                             "name (default: the recipe's, none)")
-    parser.add_argument('--impl', choices=['auto', 'xla', 'cpu', 'tpu'], help='kernel forms (default auto: the TPU forms on a TPU, the portable forms on a GPU)')
+    parser.add_argument('--impl', choices=['auto', 'xla', 'cpu', 'tpu'],
+                        help='kernel forms (default auto: the TPU forms on a TPU, the portable forms on a GPU)')
     parser.add_argument('--config', help='a configs/*.py file instead of the variant\'s recipe (e.g. a 384 fine-tune)')
     parser.add_argument('--arch', type=json_object, default={}, metavar='JSON',
                         help='create_model overrides, e.g. \'{"embed_dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1]}\'')

@@ -38,7 +38,8 @@ def test_artifact_and_metadata(artifact, converted):
     assert meta['format'] == export.FORMAT and meta['platforms'] == ['cpu', 'cuda', 'tpu']
     assert meta['input']['shape'] == [None, 224, 224, 3] and meta['output']['shape'] == [None, 10]
     assert meta['kernel_forms'] == 'xla'   # several platforms: the portable forms
-    assert [export.kernel_forms(p) for p in [('cpu',), ('tpu',), ('cuda',), ('cpu', 'tpu')]] == ['cpu', 'tpu', 'xla', 'xla']
+    platforms = [('cpu',), ('tpu',), ('cuda',), ('cpu', 'tpu')]
+    assert [export.kernel_forms(p) for p in platforms] == ['cpu', 'tpu', 'xla', 'xla']
     assert meta['preprocessing'] == pretrained.read_metadata(converted)['preprocessing']
     exported = jax.export.deserialize(bytearray(artifact.read_bytes()))
     assert exported.platforms == ('cpu', 'cuda', 'tpu')   # lowered for each, with no GPU or TPU here

@@ -224,7 +224,8 @@ def test_auto_resolves_for_the_target_devices_not_the_host():
     assert ops.resolve('auto', [Device('cpu')]) == 'cpu'
     with _tpu_mesh():
         assert ops.resolve('auto') == 'tpu'
-    assert [ops.resolve(i, [Device('tpu')]) for i in ('cpu', 'shift', 'xla', 'lax', 'tpu')] == ['cpu', 'cpu', 'xla', 'xla', 'tpu']
+    assert ([ops.resolve(i, [Device('tpu')]) for i in ('cpu', 'shift', 'xla', 'lax', 'tpu')]
+            == ['cpu', 'cpu', 'xla', 'xla', 'tpu'])
     with pytest.raises(ValueError, match="one of auto, xla, cpu, tpu, got 'fast'"):
         ops.resolve('fast')
     with pytest.raises(ValueError, match='one platform'):

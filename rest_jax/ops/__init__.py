@@ -60,7 +60,8 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 def gelu_dense(h: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """GELU(h) @ kernel + bias in h's dtype: the MLP's second linear layer (TPU: GELU recomputed for the backward pass)."""
+    """GELU(h) @ kernel + bias in h's dtype: the MLP's second linear layer (the TPU form recomputes GELU
+    in the backward pass)."""
     return _forms().gelu_dense(h, kernel, bias)
 
 

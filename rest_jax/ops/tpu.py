@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rest_jax.ops import portable
-from rest_jax.ops.portable import block_fence, conv, conv_output_size, depthwise_conv, gelu, layer_norm, pa_fence, pixel_shuffle
+from rest_jax.ops.portable import block_fence, conv, depthwise_conv, gelu, layer_norm, pa_fence, pixel_shuffle
 
 __all__ = ['block_fence', 'conv', 'depthwise_conv', 'gelu', 'gelu_dense', 'layer_norm', 'pa_fence', 'pixel_shuffle',
            'upsample']
@@ -87,6 +87,7 @@ def gelu_dense(h: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     Autodiff keeps both h (for GELU's derivative) and GELU(h) (for the weight gradient); here GELU(h) is
     recomputed in the backward pass, where the TPU compiler fuses it into the weight-gradient matmul.
     The forward pass then writes only h, the MLP's widest activation: the training step's peak memory
-    falls by ~15% (restv2_tiny), for the same estimated time.
+    falls by ~15% (restv2_tiny with one block per stage, v5p, 128 per chip: 3.88 -> 3.29 GB), for the
+    same estimated time.
     """
     return jax.checkpoint(portable.gelu_dense)(h, kernel, bias)
