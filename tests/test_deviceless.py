@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from rest_jax import deviceless
+from rest_jax import deviceless, hlo_stats
 from rest_jax.train import sharding
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
@@ -85,6 +85,15 @@ def test_train_step_for_a_tpu_slice(fsdp2):
     assert m['argument'] >= per_chip and m['peak'] >= m['argument'] and m['alias'] > 0  # the state is donated
     assert 0.9 < r['flops_ratio'] < 1.5 and r['bytes_accessed'] > 0
     assert r['roofline']['step_s'] > 0 and 0 < r['mfu_roofline'] < 1 and len(r['top_bytes']) == 10
+
+
+def test_sources_of_rematerialised_ops():
+    """An op that jax.checkpoint recomputes (the TPU forms' GELU) is attributed to its layer, as the rest."""
+    prefix = 'jit(train_step)/transpose(jvp(ResTV2))/ResTV2.forward_features/stage4_0/mlp/fc2'
+    remat = f'{prefix}/jvp(ResTV2)/ResTV2.forward_features/stage4_0/mlp/fc2/checkpoint/rematted_computation/dot_general'
+    sources = [hlo_stats._source(hlo_stats.Instruction('f', 'f32[2]', 'fusion', [], f'metadata={{op_name="{name}"}}'))
+               for name in (remat, f'{prefix}/dot_general', 'jit(train_step)/jvp(ResTV2)/stage1_0/attn/attn/add')]
+    assert sources == ['bwd stage4_0/mlp/fc2/dot_general'] * 2 + ['stage1_0/attn/attn/add']
 
 
 @needs_libtpu
