@@ -332,9 +332,9 @@ def describe(r: dict[str, Any]) -> str:
              f"  parameters      {r['num_params'] / 1e6:.2f} M",
              f"  MACs per image  {r['macs_per_image'] / 1e9:.3f} G analytic (conv, linear, attention matmuls); "
              f"XLA cost analysis: {r['xla_flops_per_image'] / 2e9:.3f} G (flops / 2)",
-             f"  peak memory     " + (f"{r['peak_memory_bytes'] / 2 ** 20:.0f} MiB ({r['peak_memory_source']})"
+             "  peak memory     " + (f"{r['peak_memory_bytes'] / 2 ** 20:.0f} MiB ({r['peak_memory_source']})"
                                       if r['peak_memory_bytes'] else 'n/a'),
-             f"  MFU             " + (f"{r['mfu']:.1%} {r['mfu_note']}" if r['mfu'] is not None else r['mfu_note']),
+             "  MFU             " + (f"{r['mfu']:.1%} {r['mfu_note']}" if r['mfu'] is not None else r['mfu_note']),
              f"  host huge pages {r['host_huge_pages']}"
              + (f"; {r['page_faults_per_step']:.0f} page faults and {r['kernel_seconds_per_step']:.3f} s of "
                 "kernel time per step" if r['page_faults_per_step'] is not None else '')]
