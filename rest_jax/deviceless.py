@@ -274,8 +274,15 @@ def compile_for_target(target: str, name: str = 'restv2_tiny', mode: str = 'trai
         lowered = infer.lower({'params': state.params, 'batch_stats': state.batch_stats}, images)
     lower_s = time.perf_counter() - start
     options = GPU_COMPILER_OPTIONS if devices[0].platform in ('gpu', 'cuda') else None
-    with _quiet_stderr():
-        compiled = lowered.compile(compiler_options=options)
+    try:
+        with _quiet_stderr():
+            compiled = lowered.compile(compiler_options=options)
+    except jax.errors.JaxRuntimeError as e:
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+            raise
+        detail = str(e).split('RESOURCE_EXHAUSTED:', 1)[1].strip().split('\n')[0]
+        raise TargetError(f'{name} ({mode}, {batch_size // n} images per chip) does not fit {target}: {detail}; '
+                          f'use --remat block or a smaller --batch-per-chip') from None
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
     return CompiledTarget(compiled, mesh, model, config, mode, target, params, lower_s,
                           time.perf_counter() - start - lower_s)

@@ -112,6 +112,19 @@ def test_pod_meshes():
 
 
 @needs_libtpu
+def test_a_step_that_does_not_fit_is_one_line(monkeypatch):
+    """XLA refusing a program larger than the chip's HBM is reported in one line, with what to change."""
+    def out_of_memory(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for '
+                                         'HLO temporaries (18.07G) exceeds available HBM (15.75G).')
+    monkeypatch.setattr(jax.stages.Lowered, 'compile', out_of_memory)
+    with pytest.raises(deviceless.TargetError, match=r'does not fit v5e:2x2: .*18.07G.*use --remat block') as e:
+        deviceless.compile_for_target('v5e:2x2', 'restv2_tiny', 'infer', 2, image_size=64,
+                                      embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))
+    assert '\n' not in str(e.value)
+
+
+@needs_libtpu
 def test_bad_targets_and_batches():
     with pytest.raises(deviceless.TargetError, match='accepted forms') as bad:
         deviceless.topology_devices('v5p-16')
