@@ -35,7 +35,8 @@ DTYPES = ('float32', 'bfloat16')
 
 def kernel_forms(platforms: tuple[str, ...]) -> str:
     """The kernel forms (rest_jax.ops) an artifact for `platforms` is traced with (see the module docstring)."""
-    return platforms[0] if platforms in (('cpu',), ('tpu',)) else 'xla'
+    from rest_jax.ops.dispatch import platform_forms   # here: serving needs no model code (module docstring)
+    return platform_forms(platforms[0]) if len(platforms) == 1 else 'xla'
 
 
 def check_platforms(platforms: str | Sequence[str]) -> tuple[str, ...]:

@@ -55,7 +55,11 @@ def resolve(impl: str = 'auto', devices: Any = None) -> str:
     impl = canonical(impl)
     if impl != 'auto':
         return impl
-    platform = target_platform(devices)
+    return platform_forms(target_platform(devices))
+
+
+def platform_forms(platform: str) -> str:
+    """The forms a platform runs: 'cpu' and 'tpu' their own, any other (GPUs) the portable 'xla'."""
     return platform if platform in ('cpu', 'tpu') else 'xla'
 
 
