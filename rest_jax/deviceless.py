@@ -278,9 +278,9 @@ def compile_for_target(target: str, name: str = 'restv2_tiny', mode: str = 'trai
         with _quiet_stderr():
             compiled = lowered.compile(compiler_options=options)
     except jax.errors.JaxRuntimeError as e:
-        if 'RESOURCE_EXHAUSTED' not in str(e):
+        detail = step_lib.out_of_memory(e)
+        if detail is None:
             raise
-        detail = str(e).split('RESOURCE_EXHAUSTED:', 1)[1].strip().split('\n')[0]
         raise TargetError(f'{name} ({mode}, {batch_size // n} images per chip) does not fit {target}: {detail}; '
                           f'use --remat block or a smaller --batch-per-chip') from None
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))

@@ -1,7 +1,7 @@
 """train.py end to end on the real input pipeline: resume after SIGTERM and kill -9 is bit-identical,
-metrics.jsonl / checkpoints / load_pretrained(workdir), a non-finite loss, initialising from a converted
-golden checkpoint, and config typos. (Fine-tuning on the tiny real-layout ImageNet through train.py,
-over 8 devices: tests/test_data_formats.py.)
+metrics.jsonl / checkpoints / load_pretrained(workdir), a non-finite loss, a step too large for the
+device, initialising from a converted golden checkpoint, and config typos. (Fine-tuning on the tiny
+real-layout ImageNet through train.py, over 8 devices: tests/test_data_formats.py.)
 
 Every run is a `train.py` subprocess sharing the suite's persistent compilation cache, so only the first
 run of each program pays for XLA.
@@ -155,6 +155,24 @@ def test_non_finite_loss_stops_naming_the_step(env, tmp_path, data_dir):
     import rest_jax
     model, variables = rest_jax.load_pretrained(workdir)  # and it is intact
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(variables))
+
+
+def test_a_step_larger_than_the_device_memory_is_one_line(data_dir, tmp_path, monkeypatch):
+    """A training step XLA cannot fit in a device's memory stops the run with one line naming the batch per
+    device and what to change. The error is XLA's own: a 1 EiB buffer, more than any machine has."""
+    import jax.numpy as jnp
+    from configs import demo
+    from rest_jax import train
+    from rest_jax.train import step as step_lib
+    too_large = jax.jit(lambda x: jnp.zeros((2 ** 60,), jnp.uint8) + x)
+    monkeypatch.setattr(step_lib, 'jit_train_step', lambda *args: lambda state, batch: too_large(1))
+    config = demo.get_config()
+    config.data_dir, config.batch_size = str(data_dir), 32
+    config.model.embed_dims, config.model.depths = (16, 32, 64, 128), (1, 1, 1, 1)
+    with pytest.raises(train.DoesNotFit, match=r'at 32 images per device \(remat .none.\) does not fit the device '
+                                               r'memory: Out of memory allocating .*--config.model.remat=block') as e:
+        train.run(config, str(tmp_path / 'run'))
+    assert '\n' not in str(e.value)
 
 
 def test_fine_tune_config_requires_init_from(env, tmp_path):

@@ -1,5 +1,5 @@
 """Training: train state, sharded step, optimizer, checkpoints, metrics and the run() loop."""
 
-from rest_jax.train.loop import NonFiniteLoss, run
+from rest_jax.train.loop import DoesNotFit, NonFiniteLoss, run
 
-__all__ = ['NonFiniteLoss', 'run']
+__all__ = ['DoesNotFit', 'NonFiniteLoss', 'run']

@@ -20,6 +20,10 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or Inf; the run stopped without saving the poisoned state."""
 
 
+class DoesNotFit(ValueError):
+    """The training step needs more memory than a device has."""
+
+
 def config_overrides(config) -> dict[str, Any]:
     """create_model overrides that config.model gives: the architecture fields set, and num_classes
     where it differs from the variant's."""
@@ -125,6 +129,7 @@ def run(config, workdir: str) -> dict[str, float]:
 
     Raises:
       NonFiniteLoss: the loss became NaN/Inf (the checkpoints written before stay valid).
+      DoesNotFit (a ValueError): the training step needs more memory than a device has.
       ValueError: a config that does not fit the data or the devices.
     """
     if config.init_from is None:  # the fine-tuning configs leave it unset on purpose
@@ -208,7 +213,17 @@ def run(config, workdir: str) -> dict[str, float]:
             if first_prof and step + 1 == first_prof:
                 jax.profiler.start_trace(os.path.join(workdir, 'profile'))
             batch = data.make_global(next(train_iter), batch_sharding)
-            state, metrics = train_step(state, batch)
+            try:
+                state, metrics = train_step(state, batch)
+            except jax.errors.JaxRuntimeError as e:
+                detail = step_lib.out_of_memory(e)
+                if detail is None:
+                    raise
+                remat = '--config.model.remat=block, ' if config.model.remat == 'none' else ''
+                raise DoesNotFit(
+                    f'the training step of {name} at {config.batch_size // mesh.size} images per device (remat '
+                    f'{config.model.remat!r}) does not fit the device memory: {detail}; use {remat}a larger '
+                    f'--config.mesh.fsdp, or a smaller --config.batch_size with a larger --config.update_freq') from None
             step += 1
             if previous is not None:  # one step late: the device already works on this step
                 check(*previous)

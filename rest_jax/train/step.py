@@ -109,6 +109,15 @@ def jit_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedul
                    donate_argnums=0)
 
 
+def out_of_memory(error: BaseException) -> str | None:
+    """XLA's one-line reason when `error` is its RESOURCE_EXHAUSTED (a program or a buffer larger than
+    the device's memory, at compile or at run time), else None."""
+    text = str(error)
+    if not isinstance(error, jax.errors.JaxRuntimeError) or 'RESOURCE_EXHAUSTED:' not in text:
+        return None
+    return text.split('RESOURCE_EXHAUSTED:', 1)[1].strip().split('\n')[0]
+
+
 def make_eval_step(model) -> Callable:
     """eval_step(variables, batch) -> {'correct1', 'correct5', 'count', 'loss_sum'} summed over the
     global batch; rows with mask False (padding) count for nothing."""
