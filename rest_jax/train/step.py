@@ -115,7 +115,7 @@ def out_of_memory(error: BaseException) -> str | None:
     text = str(error)
     if not isinstance(error, jax.errors.JaxRuntimeError) or 'RESOURCE_EXHAUSTED:' not in text:
         return None
-    return text.split('RESOURCE_EXHAUSTED:', 1)[1].strip().split('\n')[0]
+    return text.split('RESOURCE_EXHAUSTED:', 1)[1].strip().split('\n')[0].rstrip('.')
 
 
 def make_eval_step(model) -> Callable:
