@@ -64,24 +64,12 @@ def _assert_upsample_equals_portable(form, r: int) -> None:
 def test_tpu_forms_equal_portable_forms():
     """The TPU forms against the portable ones, values and gradients: v2's upsample branch as one
     transposed (input-dilated) depthwise conv with its hand-written kernel gradient (at ratios 8, 4 and
-    2, though the TPU forms take it at 8 and 4 only), and the MLP's fc2 on GELU with GELU recomputed in
-    the backward pass, which keeps only its input."""
+    2, though the TPU forms take it at 8 and 4 only)."""
     assert tpu.TRANSPOSED_RATIOS == (4, 8)
     for r in (8, 4, 2):
         _assert_upsample_equals_portable(tpu._transposed_upsample, r)
     for r in (8, 4, 2, 1):
         _assert_upsample_equals_portable(tpu.upsample, r)
-    h = jax.random.normal(jax.random.key(0), (2, 7, 5, 24)) * 2
-    v = {'kernel': jax.random.normal(jax.random.key(1), (24, 6)), 'bias': jax.random.normal(jax.random.key(3), (6,))}
-    target = jax.random.normal(jax.random.key(2), (2, 7, 5, 6))
-    results = [jax.jit(jax.value_and_grad(lambda v, h: jnp.sum(jnp.tanh(f(h, v['kernel'], v['bias'])) * target),
-                                          argnums=(0, 1)))(v, h)
-               for f in (tpu.gelu_dense, portable.gelu_dense)]
-    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    # Only GELU's input crosses from the forward to the backward pass.
-    _, residuals = jax.linearize(lambda h: tpu.gelu_dense(h, v['kernel'], v['bias']), h)
-    assert [x.shape for x in jax.tree.leaves(residuals) if getattr(x, 'shape', ()) == h.shape[:-1] + (24,)] == [h.shape]
 
 
 def test_exact_gelu_gradient():
@@ -262,8 +250,8 @@ def _primitives(model, variables, x) -> set[str]:
 @pytest.mark.parametrize('name', ['rest_lite', 'restv2_tiny'])
 def test_model_forms_follow_the_target(name):
     """A model with impl='auto' traced for a TPU mesh on this (CPU) host takes the TPU forms: grouped
-    convolutions, no CPU fences or hand-written CPU gradients, GELU recomputed in the backward pass, and
-    (v2) the upsample branch as a transposed conv; 'xla' the portable forms, 'cpu' the CPU forms. The
+    convolutions, no CPU fences or hand-written CPU gradients, and (v2) the upsample branch as a
+    transposed conv; 'xla' the portable forms, 'cpu' the CPU forms. The
     former name `conv_impl` still selects them."""
     model = rest_jax.create_model(name, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_classes=5)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
@@ -277,9 +265,9 @@ def test_model_forms_follow_the_target(name):
     assert 'reduce_precision' in cpu_ops and 'custom_vjp_call' in str(cpu_ops)
     for forms in (portable_ops, tpu_ops):
         assert 'reduce_precision' not in forms and 'conv_general_dilated' in forms
-    extra = tpu_ops - portable_ops   # jax.checkpoint's primitive is 'remat2' or 'checkpoint', by jax version
-    assert len(extra & {'remat2', 'checkpoint'}) == 1
-    assert ('transposed conv' in extra) == name.startswith('restv2')
+    assert ('transposed conv' in tpu_ops - portable_ops) == name.startswith('restv2')
+    if not name.startswith('restv2'):
+        assert tpu_ops == portable_ops   # no upsample branch in v1: its TPU forms are the portable ones
     assert rest_jax.create_model(name, conv_impl='lax').conv_impl == 'xla'
     with pytest.raises(ValueError, match='kernel forms'):
         rest_jax.create_model(name, impl='gpu')

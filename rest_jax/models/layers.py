@@ -158,18 +158,6 @@ class DropPath(nn.Module):
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
-class GeluDense(nn.Module):
-    """`nn.Linear` applied to GELU(x) (rest_jax.ops.gelu_dense); parameters as Flax's nn.Dense."""
-    features: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param('kernel', weight_init, (x.shape[-1], self.features))
-        bias = self.param('bias', nn.initializers.zeros, (self.features,))
-        return ops.gelu_dense(x.astype(self.dtype), kernel, bias)
-
-
 class Mlp(nn.Module):
     """fc1 -> exact GELU -> fc2 (PyTorch's nn.GELU() is the erf form; Flax defaults to tanh)."""
     hidden_features: int
@@ -177,8 +165,10 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = dense(self.hidden_features, dtype=self.dtype, name='fc1')(x)
-        return GeluDense(x.shape[-1], dtype=self.dtype, name='fc2')(h)
+        out = x.shape[-1]
+        x = dense(self.hidden_features, dtype=self.dtype, name='fc1')(x)
+        x = ops.gelu(x)
+        return dense(out, dtype=self.dtype, name='fc2')(x)
 
 
 def stochastic_depth_rates(rate: float, depths) -> list[float]:

@@ -1,8 +1,8 @@
 """The array ops of the ResT models, each run in the kernel form chosen for the target platform.
 
 One function per op; each dispatches to its form in `portable` (the reference, run on GPUs), `cpu`
-(the same arithmetic in the shapes XLA:CPU runs fastest) or `tpu` (the portable forms, but for two that
-move fewer HBM bytes on a TPU), as `dispatch` resolves it:
+(the same arithmetic in the shapes XLA:CPU runs fastest) or `tpu` (the portable forms, but for ResTv2's
+upsample branch, which moves fewer HBM bytes on a TPU as a transposed conv), as `dispatch` resolves it:
 
     with rest_jax.ops.kernel_forms('auto'):   # the models do this with their `impl` field
         y = rest_jax.ops.depthwise_conv(x, kernel, stride=8, pad=4)
@@ -21,7 +21,7 @@ from rest_jax.ops.portable import conv_output_size
 _FORMS = {'xla': portable, 'cpu': cpu, 'tpu': tpu}
 
 __all__ = ['ALIASES', 'IMPLS', 'active', 'block_fence', 'canonical', 'conv', 'conv_output_size', 'depthwise_conv',
-           'gelu', 'gelu_dense', 'kernel_forms', 'layer_norm', 'pa_fence', 'pixel_shuffle', 'resolve', 'target_platform',
+           'gelu', 'kernel_forms', 'layer_norm', 'pa_fence', 'pixel_shuffle', 'resolve', 'target_platform',
            'upsample']
 
 
@@ -57,12 +57,6 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtyp
 def gelu(x: jax.Array) -> jax.Array:
     """PyTorch's exact (erf) GELU, computed in float32."""
     return _forms().gelu(x)
-
-
-def gelu_dense(h: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """GELU(h) @ kernel + bias in h's dtype: the MLP's second linear layer (the TPU form recomputes GELU
-    in the backward pass)."""
-    return _forms().gelu_dense(h, kernel, bias)
 
 
 def block_fence(x: jax.Array) -> jax.Array:

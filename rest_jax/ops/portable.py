@@ -1,5 +1,5 @@
 """The portable kernel forms: one XLA operation per op where XLA has one. The reference every other
-form is tested against, and the forms GPUs run (TPUs run them too, but for the two in `tpu`).
+form is tested against, and the forms GPUs run (TPUs run them too, but for the one in `tpu`).
 
 Array functions on NHWC tensors; kernels in Flax's layouts ((kh, kw, C_in, C_out) dense, (kh, kw, 1,
 C * m) depthwise). Numerics are PyTorch's: explicit symmetric padding (never 'SAME', which is
@@ -99,12 +99,6 @@ def _gelu_bwd(x, g):
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-
-def gelu_dense(h: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """The MLP's second linear layer on GELU(h): GELU(h) @ kernel + bias, kernel (in, out), in h's dtype
-    (the arithmetic of Flax's nn.Dense on GELU's output)."""
-    return jnp.dot(gelu(h), kernel.astype(h.dtype)) + bias.astype(h.dtype)
 
 
 def block_fence(x: jax.Array) -> jax.Array:
