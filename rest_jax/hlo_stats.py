@@ -124,7 +124,8 @@ def _source(inst: Instruction) -> str:
     """The model path of an instruction's JAX source ('stage1_0/mlp/fc1/dot_general'); 'bwd ' marks the
     backward pass. Transform and module-class prefixes (jit(...), jvp(...), ResTV2.forward_features)
     are dropped, and so is what `jax.checkpoint` adds: its scope names and the module path that a
-    rematerialised computation repeats ('stage1_0/mlp/fc2/stage1_0/mlp/fc2/checkpoint/...')."""
+    rematerialised computation repeats ('stage1_0/mlp/fc2/stage1_0/mlp/fc2/checkpoint/...'), as in a
+    step compiled with remat."""
     name = (inst.attr('op_name') or '').split(';')[0]
     parts = [p for p in name.split('/') if '(' not in p and not p.startswith('ResT') and p not in _REMAT_SCOPES]
     for k in range(1, len(parts) // 2 + 1):

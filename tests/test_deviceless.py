@@ -88,7 +88,7 @@ def test_train_step_for_a_tpu_slice(fsdp2):
 
 
 def test_sources_of_rematerialised_ops():
-    """An op that jax.checkpoint recomputes (the TPU forms' GELU) is attributed to its layer, as the rest."""
+    """An op that jax.checkpoint recomputes (remat) is attributed to its layer, as the rest."""
     prefix = 'jit(train_step)/transpose(jvp(ResTV2))/ResTV2.forward_features/stage4_0/mlp/fc2'
     remat = f'{prefix}/jvp(ResTV2)/ResTV2.forward_features/stage4_0/mlp/fc2/checkpoint/rematted_computation/dot_general'
     sources = [hlo_stats._source(hlo_stats.Instruction('f', 'f32[2]', 'fusion', [], f'metadata={{op_name="{name}"}}'))
