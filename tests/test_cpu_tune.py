@@ -65,23 +65,25 @@ def test_choose_off_uses_the_rule_and_a_bad_file_is_rewritten(tuning, monkeypatc
     assert json.loads(tuning.read_text())[cpu_tune.host_key()]['op']['choice'] == 'a'
 
 
-def test_a_strided_conv_traced_on_this_host_is_measured(tuning):
-    """A strided conv is timed in both forms, forward when it is only evaluated and the gradient only
-    when differentiated; its value and gradients equal the portable form's whichever won."""
+@pytest.mark.parametrize('stride', [2, 1])
+def test_a_conv_traced_on_this_host_is_measured(tuning, stride):
+    """A dense conv (strided, or 3x3 at stride 1) is timed in both forms: forward when it is only
+    evaluated, each of its two gradients apart only when differentiated; its value and gradients equal
+    the portable form's whichever won."""
     x = jax.random.normal(jax.random.key(1), (2, 32, 30, 6))
     w = jax.random.normal(jax.random.key(2), (3, 3, 6, 8)) * 0.2
-    np.testing.assert_allclose(jax.jit(cpu.conv, static_argnums=(2, 3))(x, w, 2, 1), portable.conv(x, w, 2, 1),
-                               rtol=1e-5, atol=1e-5)
-    key = 'conv 2x32x30x6 -> 8, kernel 3x3, stride 2, pad 1, float32'
+    np.testing.assert_allclose(jax.jit(cpu.conv, static_argnums=(2, 3))(x, w, stride, 1),
+                               portable.conv(x, w, stride, 1), rtol=1e-5, atol=1e-5)
+    key = f'conv 2x32x30x6 -> 8, kernel 3x3, stride {stride}, pad 1, float32'
     assert list(cpu_tune.decisions()) == [key + ', forward']
 
     def loss(f, x, w):
-        return jnp.sum(jnp.tanh(f(x, w, 2, 1)) * jnp.arange(8.0))
+        return jnp.sum(jnp.tanh(f(x, w, stride, 1)) * jnp.arange(8.0))
     grads = [jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(f, x, w) for f in (cpu.conv, portable.conv)]
     for a, b in zip(grads[0], grads[1]):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
     chosen = cpu_tune.decisions()
-    assert set(chosen) == {key + ', forward', key + ', gradient'}
+    assert set(chosen) == {key + ', forward', key + ', input gradient', key + ', kernel gradient'}
     assert all(v['choice'] in ('xla', 'patches') and set(v['ms']) == {'xla', 'patches'} for v in chosen.values())
     assert set(json.loads(tuning.read_text())[cpu_tune.host_key()]) == set(chosen)
 

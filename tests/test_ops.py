@@ -3,6 +3,7 @@ against the portable reference, values and gradients."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -146,15 +147,15 @@ def test_layer_norm_forms_equal_flax(offset):
 
 @pytest.mark.parametrize('channels,kernel,stride,pad', [(3, 3, 2, 1), (6, 3, 2, 1), (6, 1, 1, 0), (6, 3, 1, 1), (5, 5, 4, 2)])
 def test_cpu_dense_conv_forms_equal_xla_convolution(channels, kernel, stride, pad):
-    """Dense convs on CPU: a 1x1 as a matmul; strided ones forward and backward as patches times a
-    matmul or as XLA's conv (all four pairs checked, whichever this host measures faster)."""
+    """Dense convs on CPU: a 1x1 as a matmul; others with the forward pass, the input gradient and the
+    kernel gradient each as patches times a matmul or as XLA's conv (all eight combinations checked,
+    whichever this host measures faster)."""
     x = jax.random.normal(jax.random.key(0), (2, 13, 10, channels))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, channels, 7))
     target = jax.random.normal(jax.random.key(2), portable.conv(x, w, stride, pad).shape)
     forms = [cpu.conv, portable.conv]
-    if stride > 1:
-        forms += [cpu._differentiated_as(cpu._CONV_FORMS[f], cpu._CONV_FORMS[g], forward_too=False)
-                  for f in cpu._CONV_FORMS for g in cpu._CONV_FORMS]
+    if kernel > 1:
+        forms += [cpu._conv_in_forms(*combination) for combination in itertools.product(cpu._CONV_FORMS, repeat=3)]
     results = [jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(f(x, w, stride, pad)) * target),
                                           argnums=(0, 1)))(x, w)
                for f in forms]

@@ -29,14 +29,13 @@ __all__ = ['block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'pa_fe
 # --- dense convolutions ---------------------------------------------------------------------------
 
 def conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-    """`portable.conv`: a 1x1 conv as a matmul; a strided conv as XLA's conv or as patches times a
-    matmul, forward and gradient each in the form measured faster on this host (`cpu_tune`)."""
+    """`portable.conv`: a 1x1 conv as a matmul; any other as XLA's conv or as patches times a matmul,
+    the forward pass, the input gradient and the kernel gradient each in the form measured faster on
+    this host (`cpu_tune`)."""
     kh, kw, _, _ = kernel.shape
     if kh == kw == 1 and stride == 1 and pad == 0:
         return jnp.einsum('bhwc,co->bhwo', x, kernel[0, 0])
-    if stride > 1:
-        return _strided_conv(x, kernel, stride, pad)
-    return portable.conv(x, kernel, stride, pad)
+    return _measured_conv(x, kernel, stride, pad)
 
 
 def _patches_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
@@ -52,9 +51,11 @@ def _patches_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax
     return jnp.einsum('bhwk,ko->bhwo', patches, kernel.reshape(kh * kw * c, o))
 
 
-# The two exact forms of a strided dense conv. Which runs faster on XLA:CPU depends on the machine
-# kind and the shape, forward and backward separately (docs/performance.md), so each is measured.
+# The two exact forms of a dense conv. Which runs faster on XLA:CPU depends on the machine kind and
+# the shape, and differs between the forward pass, the input gradient and the kernel gradient
+# (docs/performance.md), so each of the three is measured.
 _CONV_FORMS: dict[str, Callable] = {'xla': portable.conv, 'patches': _patches_conv}
+_GRADIENTS = ('input', 'kernel')
 
 
 def _conv_signature(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> str:
@@ -71,9 +72,16 @@ def _random_inputs(*arrays: jax.Array) -> list[jax.Array]:
             for k, a in zip(keys, arrays)]
 
 
-def _candidates(x, kernel, stride, pad, g=None) -> dict[str, Callable]:
+def _conv_gradient(form: Callable, wrt: str, x, kernel, g, stride: int, pad: int) -> jax.Array:
+    """The input's (`wrt='input'`) or the kernel's gradient of `form` at (x, kernel), given the output's g."""
+    if wrt == 'input':
+        return jax.vjp(lambda x: form(x, kernel, stride, pad), x)[1](g)[0]
+    return jax.vjp(lambda kernel: form(x, kernel, stride, pad), kernel)[1](g)[0]
+
+
+def _candidates(x, kernel, stride, pad, g=None, wrt: str | None = None) -> dict[str, Callable]:
     """Each form of the conv, compiled at these shapes on random inputs: its forward pass, or with `g`
-    its backward pass alone (the VJP from the saved input)."""
+    one of its two gradients alone (`wrt`: 'input' or 'kernel', from the saved input)."""
     def build(form):
         def compiled_call():
             if g is None:
@@ -81,7 +89,7 @@ def _candidates(x, kernel, stride, pad, g=None) -> dict[str, Callable]:
                 f = jax.jit(lambda x, k: form(x, k, stride, pad))
             else:
                 args = _random_inputs(x, kernel, g)
-                f = jax.jit(lambda x, k, g: jax.vjp(lambda x, k: form(x, k, stride, pad), x, k)[1](g))
+                f = jax.jit(lambda x, k, g: _conv_gradient(form, wrt, x, k, g, stride, pad))
             compiled = f.lower(*args).compile()
             return lambda: jax.block_until_ready(compiled(*args))
         return compiled_call
@@ -89,40 +97,64 @@ def _candidates(x, kernel, stride, pad, g=None) -> dict[str, Callable]:
 
 
 def _forward_form(x, kernel, stride, pad) -> str:
-    """The measured-faster forward form; where measuring is off, patches for few input channels (the
-    RGB stem) and small outputs (<= 14 x 14), else XLA's conv (the rule measured on Zen 3 and Zen 5)."""
+    """The measured-faster forward form; where measuring is off, for a strided conv patches for few
+    input channels (the RGB stem) and small outputs (<= 14 x 14), else XLA's conv (the rule measured on
+    Zen 3 and Zen 5), and XLA's conv at stride 1."""
     ho = conv_output_size(x.shape[1], kernel.shape[0], stride, pad)
     wo = conv_output_size(x.shape[2], kernel.shape[1], stride, pad)
-    rule = 'patches' if x.shape[-1] <= 4 or ho * wo <= 14 * 14 else 'xla'
+    rule = 'patches' if stride > 1 and (x.shape[-1] <= 4 or ho * wo <= 14 * 14) else 'xla'
     return cpu_tune.choose(_conv_signature(x, kernel, stride, pad) + ', forward',
                            _candidates(x, kernel, stride, pad), rule)
 
 
-def _gradient_form(x, kernel, g, stride, pad) -> str:
-    """The measured-faster gradient form; where measuring is off, `cpu_isa`'s rule."""
-    rule = cpu_isa.strided_conv_gradient_form(x.shape[-1], g.shape[1], g.shape[2], cpu_isa.host_has_avx512())
-    return cpu_tune.choose(_conv_signature(x, kernel, stride, pad) + ', gradient',
-                           _candidates(x, kernel, stride, pad, g), 'xla' if rule == 'lax' else rule)
+def _gradient_form(wrt: str, x, kernel, g, stride, pad) -> str:
+    """The measured-faster form of the input's or the kernel's gradient; where measuring is off,
+    `cpu_isa`'s rule for a strided conv (both gradients alike), XLA's conv at stride 1."""
+    rule = 'xla'
+    if stride > 1:
+        rule = cpu_isa.strided_conv_gradient_form(x.shape[-1], g.shape[1], g.shape[2], cpu_isa.host_has_avx512())
+    return cpu_tune.choose(_conv_signature(x, kernel, stride, pad) + f', {wrt} gradient',
+                           _candidates(x, kernel, stride, pad, g, wrt), 'xla' if rule == 'lax' else rule)
 
 
-# A strided conv: forward in its measured form, and under differentiation the backward pass in its own
-# measured form (inference never measures the gradient's candidates).
+def _conv_in_forms(forward: str, input_gradient: str, kernel_gradient: str) -> Callable:
+    """The dense conv `f(x, kernel, stride, pad)` with its forward pass and its two gradients in the
+    named forms ('xla' or 'patches'), whatever this host measures: for tests and comparisons."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def f(x, kernel, stride, pad):
+        return _CONV_FORMS[forward](x, kernel, stride, pad)
+
+    def fwd(x, kernel, stride, pad):
+        return f(x, kernel, stride, pad), (x, kernel)
+
+    def bwd(stride, pad, residuals, g):
+        x, kernel = residuals
+        return tuple(_conv_gradient(_CONV_FORMS[form], wrt, x, kernel, g, stride, pad)
+                     for form, wrt in zip((input_gradient, kernel_gradient), _GRADIENTS))
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+# A dense conv: forward in its measured form, and under differentiation each gradient in its own
+# measured form (inference never measures the gradients' candidates).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _strided_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+def _measured_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
     return _CONV_FORMS[_forward_form(x, kernel, stride, pad)](x, kernel, stride, pad)
 
 
-def _strided_conv_fwd(x, kernel, stride, pad):
-    return _strided_conv(x, kernel, stride, pad), (x, kernel)
+def _measured_conv_fwd(x, kernel, stride, pad):
+    return _measured_conv(x, kernel, stride, pad), (x, kernel)
 
 
-def _strided_conv_bwd(stride, pad, residuals, g):
+def _measured_conv_bwd(stride, pad, residuals, g):
     x, kernel = residuals
-    form = _CONV_FORMS[_gradient_form(x, kernel, g, stride, pad)]
-    return jax.vjp(lambda x, kernel: form(x, kernel, stride, pad), x, kernel)[1](g)
+    return tuple(_conv_gradient(_CONV_FORMS[_gradient_form(wrt, x, kernel, g, stride, pad)], wrt, x, kernel, g,
+                                stride, pad)
+                 for wrt in _GRADIENTS)
 
 
-_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+_measured_conv.defvjp(_measured_conv_fwd, _measured_conv_bwd)
 
 
 def _differentiated_as(form: Callable, grad_form: Callable, *, forward_too: bool) -> Callable:
@@ -352,7 +384,10 @@ def _row_stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
 # Autodiff of the textbook form keeps the centred input and the broadcast statistics for the backward
 # pass, and XLA:CPU materialises each full-size broadcast as a library operand. Here the backward pass
 # keeps x and the per-row statistics and forms dx = rstd * (g' - mean(g') - xhat * mean(g' * xhat)),
-# with g' = g * scale, from two variadic reduces.
+# with g' = g * scale, from one variadic reduce over each row. The parameters' gradients are column
+# sums (over every row, one per channel), and those go to the library as single-operand sums: XLA's own
+# fusion emits a column sum one channel at a time, each pass re-reading every fused input (the
+# residual-stream gradient; rest_lite's training step on Zen 1 spent 404 ms in reduce fusions, 73 after).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _layer_norm_f32(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
     return _layer_norm_f32_fwd(x, scale, bias, eps)[0]
@@ -370,8 +405,8 @@ def _layer_norm_f32_bwd(eps, residuals, g):
     gs = g * scale
     s_g, s_gx = _sums([gs, gs * xhat], (x.ndim - 1,))
     dx = rstd * (gs - s_g[..., None] / n - xhat * (s_gx[..., None] / n))
-    dscale, dbias = _sums([g * xhat, g], tuple(range(x.ndim - 1)))
-    return dx, dscale, dbias
+    rows = tuple(range(x.ndim - 1))
+    return dx, jnp.sum(g * xhat, rows), jnp.sum(g, rows)   # column sums: see the comment above
 
 
 _layer_norm_f32.defvjp(_layer_norm_f32_fwd, _layer_norm_f32_bwd)
