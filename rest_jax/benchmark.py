@@ -340,8 +340,8 @@ def describe(r: dict[str, Any]) -> str:
                 "kernel time per step" if r['page_faults_per_step'] is not None else '')]
     if r.get('cpu_forms'):
         counts = collections.Counter(f"{e['choice']} ({e['source']})" for e in r['cpu_forms'].values())
-        lines.append('  strided convs   ' + ', '.join(f'{n} x {k}' for k, n in sorted(counts.items()))
-                     + ' (forward and gradient forms; rest_jax.ops.cpu_tune)')
+        lines.append('  dense convs     ' + ', '.join(f'{n} x {k}' for k, n in sorted(counts.items()))
+                     + ' (forward, input- and kernel-gradient forms; rest_jax.ops.cpu_tune)')
     for key, o in r.get('official', {}).items():
         lines.append(f"  {key:<15} {o['images_per_sec']:.1f} images/s ({o['step_ms']:.1f} ms/step), "
                      f"rest_jax is {r['images_per_sec'] / o['images_per_sec']:.2f}x")

@@ -1,7 +1,7 @@
 """Kernel forms measured on this host: for an op whose fastest exact form depends on the CPU, time the
 candidates once on this machine and remember the winner.
 
-Which of two exact forms XLA:CPU runs faster changes between machine kinds (a strided convolution's
+Which of two exact forms XLA:CPU runs faster changes between machine kinds (a convolution's kernel
 gradient: XLA's own on one AVX-512 kind, patches times a matmul on another; docs/performance.md), so
 no rule measured on one kind holds on the next. `choose` times each candidate of an op at its shape on
 this host, the first time the op is traced there, and keeps the result in a JSON file keyed by the
