@@ -117,20 +117,22 @@ def _gradient_form(wrt: str, x, kernel, g, stride, pad) -> str:
                            _candidates(x, kernel, stride, pad, g, wrt), 'xla' if rule == 'lax' else rule)
 
 
-def _conv_in_forms(forward: str, input_gradient: str, kernel_gradient: str) -> Callable:
-    """The dense conv `f(x, kernel, stride, pad)` with its forward pass and its two gradients in the
-    named forms ('xla' or 'patches'), whatever this host measures: for tests and comparisons."""
+def _conv_choosing(forward_form: Callable[..., str], gradient_form: Callable[..., str]) -> Callable:
+    """The dense conv `f(x, kernel, stride, pad)` whose forward pass runs in the form named by
+    `forward_form(x, kernel, stride, pad)` and, under differentiation, each gradient in the form named
+    by `gradient_form(wrt, x, kernel, g, stride, pad)` ('xla' or 'patches'; `wrt` 'input' or 'kernel')."""
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
     def f(x, kernel, stride, pad):
-        return _CONV_FORMS[forward](x, kernel, stride, pad)
+        return _CONV_FORMS[forward_form(x, kernel, stride, pad)](x, kernel, stride, pad)
 
     def fwd(x, kernel, stride, pad):
         return f(x, kernel, stride, pad), (x, kernel)
 
     def bwd(stride, pad, residuals, g):
         x, kernel = residuals
-        return tuple(_conv_gradient(_CONV_FORMS[form], wrt, x, kernel, g, stride, pad)
-                     for form, wrt in zip((input_gradient, kernel_gradient), _GRADIENTS))
+        return tuple(_conv_gradient(_CONV_FORMS[gradient_form(wrt, x, kernel, g, stride, pad)], wrt, x, kernel, g,
+                                    stride, pad)
+                     for wrt in _GRADIENTS)
 
     f.defvjp(fwd, bwd)
     return f
@@ -138,23 +140,13 @@ def _conv_in_forms(forward: str, input_gradient: str, kernel_gradient: str) -> C
 
 # A dense conv: forward in its measured form, and under differentiation each gradient in its own
 # measured form (inference never measures the gradients' candidates).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _measured_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-    return _CONV_FORMS[_forward_form(x, kernel, stride, pad)](x, kernel, stride, pad)
+_measured_conv = _conv_choosing(_forward_form, _gradient_form)
 
 
-def _measured_conv_fwd(x, kernel, stride, pad):
-    return _measured_conv(x, kernel, stride, pad), (x, kernel)
-
-
-def _measured_conv_bwd(stride, pad, residuals, g):
-    x, kernel = residuals
-    return tuple(_conv_gradient(_CONV_FORMS[_gradient_form(wrt, x, kernel, g, stride, pad)], wrt, x, kernel, g,
-                                stride, pad)
-                 for wrt in _GRADIENTS)
-
-
-_measured_conv.defvjp(_measured_conv_fwd, _measured_conv_bwd)
+def _conv_in_forms(forward: str, input_gradient: str, kernel_gradient: str) -> Callable:
+    """The dense conv in the named forms, whatever this host measures: for tests and comparisons."""
+    gradients = dict(zip(_GRADIENTS, (input_gradient, kernel_gradient)))
+    return _conv_choosing(lambda *_: forward, lambda wrt, *_: gradients[wrt])
 
 
 def _differentiated_as(form: Callable, grad_form: Callable, *, forward_too: bool) -> Callable:
