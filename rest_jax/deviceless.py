@@ -270,7 +270,8 @@ def compile_for_target(target: str, name: str = 'restv2_tiny', mode: str = 'trai
         labels = jax.ShapeDtypeStruct((batch_size, model.num_classes), jnp.float32, sharding=batch_sharding)
         lowered = step.lower(state, {'image': images, 'label': labels})
     else:
-        infer = jax.jit(lambda variables, x: model.apply(variables, x, train=False), out_shardings=batch_sharding)
+        infer = jax.jit(sharding.traced_in(mesh, lambda variables, x: model.apply(variables, x, train=False)),
+                        out_shardings=batch_sharding)
         lowered = infer.lower({'params': state.params, 'batch_stats': state.batch_stats}, images)
     lower_s = time.perf_counter() - start
     options = GPU_COMPILER_OPTIONS if devices[0].platform in ('gpu', 'cuda') else None

@@ -78,6 +78,12 @@ def test_train_step_for_a_tpu_slice(fsdp2):
     layers = sharded_layers(ct)
     gathered = {s.removeprefix('bwd ').rsplit('/', 1)[0] for s in gathers['sources']}
     assert layers and gathered == layers, (gathered, layers)
+    # The attention of every block runs as the Pallas kernels, forward and backward, on each chip's own
+    # images (split by hand: XLA would gather a custom call's whole batch, which the check above excludes).
+    kernels = sorted(row['source'].split('/')[0] + ' ' + row['source'].split('/')[-2]
+                     for row in hlo_stats.op_bytes(ct.compiled.as_text()) if row['op'] == 'custom-call')
+    assert kernels == sorted(f'{p}stage{i}_0 emsa_attention{b}' for i in range(1, 5)
+                             for p, b in [('', ''), ('bwd ', '_backward')]), kernels
     # The parameters, their EMA and the Adam moments are stored sharded: less state per chip.
     per_chip, whole = state_bytes(ct)
     assert per_chip < 0.75 * whole

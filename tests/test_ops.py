@@ -15,7 +15,7 @@ import pytest
 
 import rest_jax
 from rest_jax import ops
-from rest_jax.ops import cpu, cpu_isa, portable, tpu
+from rest_jax.ops import cpu, cpu_isa, portable, tpu, tpu_attention
 
 FORMS = {'cpu': cpu, 'xla': portable, 'tpu': tpu}
 
@@ -71,6 +71,45 @@ def test_tpu_forms_equal_portable_forms():
         _assert_upsample_equals_portable(tpu._transposed_upsample, r)
     for r in (8, 4, 2, 1):
         _assert_upsample_equals_portable(tpu.upsample, r)
+
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_tpu_attention_kernels_equal_the_portable_form(monkeypatch, dtype):
+    """The Pallas attention (run by Pallas's interpreter here) against the portable form, values and the
+    gradients of q, k and v: one head and several, one query block and several (the key and value
+    gradients summed over the blocks), queries padded to a whole number of blocks."""
+    monkeypatch.setattr(tpu_attention, '_BLOCK_ELEMENTS', 1024)   # several query blocks at these sizes
+    dt = jnp.dtype(dtype)
+    tol = dict(rtol=1e-5, atol=2e-6) if dt == jnp.float32 else dict(rtol=2e-2, atol=4e-2)
+    for (h, w), m, c, heads in [((8, 12), 6, 24, 1), ((8, 8), 16, 32, 2), ((7, 7), 4, 48, 3), ((3, 5), 4, 8, 1)]:
+        keys = jax.random.split(jax.random.key(h * w + c), 4)
+        q = jax.random.normal(keys[0], (2, h, w, c), dt)
+        k, v = (2 * jax.random.normal(key, (2, m, c), dt) for key in keys[1:3])
+        g = jax.random.normal(keys[3], (2, h, w, c), dt)
+        scale = (c // heads) ** -0.5
+        assert tpu_attention.query_block(h * w, c, m) == {96: 32, 64: 32, 49: 16, 15: 15}[h * w]
+
+        def outputs(form):
+            out, vjp = jax.vjp(lambda q, k, v: form(q, k, v, heads, scale), q, k, v)
+            return (out, *vjp(g))
+        for a, b in zip(jax.jit(outputs, static_argnums=0)(tpu.attention),
+                        jax.jit(outputs, static_argnums=0)(portable.attention)):
+            assert a.dtype == b.dtype == dt
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+
+
+def test_tpu_attention_query_blocks():
+    """Queries per kernel step at restv2's 224 x 224 stages and at a detector's 1333 x 800 input (stage
+    1: a block that does not divide the 200 x 333 queries, which are padded), and where not even 16
+    queries' logits fit VMEM (the portable form then runs)."""
+    assert [tpu_attention.query_block(n, c, 49) for n, c in [(3136, 96), (784, 192), (196, 384), (49, 768)]] == \
+        [1568, 784, 196, 49]
+    assert tpu_attention.query_block(200 * 333, 96, 25 * 42) == 240
+    assert tpu_attention.query_block(200 * 333, 96, 1 << 15) is None
+    k = v = jnp.ones((1, 1 << 15, 8))
+    q = jnp.ones((1, 200, 333, 8))
+    assert tpu.attention(q, k, v, 1, 0.1).shape == q.shape   # the portable form
 
 
 def test_exact_gelu_gradient():
@@ -251,8 +290,8 @@ def _primitives(model, variables, x) -> set[str]:
 @pytest.mark.parametrize('name', ['rest_lite', 'restv2_tiny'])
 def test_model_forms_follow_the_target(name):
     """A model with impl='auto' traced for a TPU mesh on this (CPU) host takes the TPU forms: grouped
-    convolutions, no CPU fences or hand-written CPU gradients, and (v2) the upsample branch as a
-    transposed conv; 'xla' the portable forms, 'cpu' the CPU forms. The
+    convolutions, no CPU fences or hand-written CPU gradients, the attention as Pallas kernels, and
+    (v2) the upsample branch as a transposed conv; 'xla' the portable forms, 'cpu' the CPU forms. The
     former name `conv_impl` still selects them."""
     model = rest_jax.create_model(name, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_classes=5)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
@@ -267,8 +306,9 @@ def test_model_forms_follow_the_target(name):
     for forms in (portable_ops, tpu_ops):
         assert 'reduce_precision' not in forms and 'conv_general_dilated' in forms
     assert ('transposed conv' in tpu_ops - portable_ops) == name.startswith('restv2')
-    if not name.startswith('restv2'):
-        assert tpu_ops == portable_ops   # no upsample branch in v1: its TPU forms are the portable ones
+    assert 'pallas_call' in tpu_ops and 'pallas_call' not in portable_ops | cpu_ops   # the attention kernels
+    if not name.startswith('restv2'):   # no upsample branch in v1: its other TPU forms are the portable ones
+        assert tpu_ops - portable_ops == {'pallas_call', 'get', 'swap'}   # the kernels' reads and writes
     assert rest_jax.create_model(name, conv_impl='lax').conv_impl == 'xla'
     with pytest.raises(ValueError, match='kernel forms'):
         rest_jax.create_model(name, impl='gpu')

@@ -263,3 +263,17 @@ if __name__ == '__main__':
         worker_devices(sys.argv[2])
     else:
         worker_process(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+
+
+def test_which_arrays_fsdp_shards():
+    """The largest dimension that the fsdp size divides; small arrays and depthwise kernels replicated
+    (XLA would split a grouped convolution's activations over channels to follow a sharded kernel)."""
+    from jax.sharding import PartitionSpec as P
+    from rest_jax.train import sharding
+    assert sharding._spec((512, 2048), 8) == P(None, 'fsdp')
+    assert sharding._spec((3, 3, 128, 256), 8) == P(None, None, None, 'fsdp')
+    assert sharding._spec((2048, 1000), 8) == P('fsdp')
+    assert sharding._spec((3, 3, 1, 8192), 8) == P()       # upsample branch of restv2_large's stage 1
+    assert sharding._spec((64, 64), 8) == P()               # small
+    assert sharding._spec((512, 2048), 1) == P()
+    assert sharding._spec((1001, 999), 8) == P()            # no dimension divides

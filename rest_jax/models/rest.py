@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from rest_jax import ops
 from rest_jax.models import layers
 from rest_jax.models.backbone import Backbone
 from rest_jax.models.registry import ModelInfo, register_model
@@ -35,26 +36,28 @@ class Attention(nn.Module):
         b, h, w, c = x.shape
         heads, hd = self.num_heads, c // self.num_heads
         scale = self.qk_scale or hd ** -0.5
-        q = layers.dense(c, use_bias=self.qkv_bias, dtype=self.dtype, name='q')(x).reshape(b, h * w, heads, hd)
+        q = layers.dense(c, use_bias=self.qkv_bias, dtype=self.dtype, name='q')(x)
         if self.sr_ratio > 1:
             r = self.sr_ratio
             x = layers.DepthwiseConv(c, r + 1, r, r // 2, dtype=self.dtype, name='sr')(x)
             x = layers.LayerNorm(LN_EPS, self.dtype, name='sr_norm')(x)
         kv = layers.dense(2 * c, use_bias=self.qkv_bias, dtype=self.dtype, name='kv')(x)
-        kv = kv.reshape(b, -1, 2, heads, hd)
+        kv = kv.reshape(b, -1, 2, c)
         k, v = kv[:, :, 0], kv[:, :, 1]
+        if not (self.apply_transform and heads > 1):
+            out = ops.attention(q, k, v, heads, scale)
+            return layers.dense(c, dtype=self.dtype, name='proj')(out)
 
-        attn = jnp.einsum('bnhd,bmhd->bhnm', q, k, preferred_element_type=jnp.float32) * scale
-        if self.apply_transform and heads > 1:
-            attn = HeadTransform(heads, dtype=self.dtype, name='transform_conv')(attn)
-            attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1)
-            # InstanceNorm2d(heads): each head's (N, M) map normalised, eps 1e-5, no affine.
-            mean = attn.mean((2, 3), keepdims=True)
-            var = jnp.square(attn - mean).mean((2, 3), keepdims=True)
-            attn = (attn - mean) * jax.lax.rsqrt(var + 1e-5)
-        else:
-            attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1)
-        out = jnp.einsum('bhnm,bmhd->bnhd', attn.astype(self.dtype), v).reshape(b, h, w, c)
+        m = k.shape[1]
+        attn = jnp.einsum('bnhd,bmhd->bhnm', q.reshape(b, h * w, heads, hd), k.reshape(b, m, heads, hd),
+                          preferred_element_type=jnp.float32) * scale
+        attn = HeadTransform(heads, dtype=self.dtype, name='transform_conv')(attn)
+        attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1)
+        # InstanceNorm2d(heads): each head's (N, M) map normalised, eps 1e-5, no affine.
+        mean = attn.mean((2, 3), keepdims=True)
+        var = jnp.square(attn - mean).mean((2, 3), keepdims=True)
+        attn = (attn - mean) * jax.lax.rsqrt(var + 1e-5)
+        out = jnp.einsum('bhnm,bmhd->bnhd', attn.astype(self.dtype), v.reshape(b, m, heads, hd)).reshape(b, h, w, c)
         return layers.dense(c, dtype=self.dtype, name='proj')(out)
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from rest_jax import ops
 from rest_jax.models import layers
 from rest_jax.models.backbone import Backbone
 from rest_jax.models.registry import ModelInfo, register_model
@@ -35,17 +36,14 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         heads, hd, r = self.num_heads, c // self.num_heads, self.sr_ratio
-        q = layers.dense(c, dtype=self.dtype, name='q')(x).reshape(b, h * w, heads, hd)
+        q = layers.dense(c, dtype=self.dtype, name='q')(x)
         if r > 1:
             x = layers.DepthwiseConv(c, r + 1, r, r // 2, dtype=self.dtype, name='sr')(x)
             x = layers.LayerNorm(LN_EPS, self.dtype, name='sr_norm')(x)
         hr, wr = x.shape[1:3]
-        kv = layers.dense(2 * c, dtype=self.dtype, name='kv')(x).reshape(b, hr * wr, 2, heads, hd)
+        kv = layers.dense(2 * c, dtype=self.dtype, name='kv')(x).reshape(b, hr * wr, 2, c)
         k, v = kv[:, :, 0], kv[:, :, 1]
-
-        attn = jnp.einsum('bnhd,bmhd->bhnm', q, k, preferred_element_type=jnp.float32) * hd ** -0.5
-        attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
-        out = jnp.einsum('bhnm,bmhd->bnhd', attn, v).reshape(b, h, w, c)
+        out = ops.attention(q, k, v, heads, hd ** -0.5)
 
         # The official code reshapes v (B, heads, M, hd) to (B, C, H/sr, W/sr): channel = head * hd + d,
         # which is exactly the (heads, hd) order of our last axis.

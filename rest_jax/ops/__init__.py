@@ -20,13 +20,18 @@ from rest_jax.ops.portable import conv_output_size
 
 _FORMS = {'xla': portable, 'cpu': cpu, 'tpu': tpu}
 
-__all__ = ['ALIASES', 'IMPLS', 'active', 'block_fence', 'canonical', 'conv', 'conv_output_size', 'depthwise_conv',
+__all__ = ['ALIASES', 'IMPLS', 'active', 'attention', 'block_fence', 'canonical', 'conv', 'conv_output_size', 'depthwise_conv',
            'gelu', 'kernel_forms', 'layer_norm', 'pa_fence', 'pixel_shuffle', 'resolve', 'target_platform',
            'upsample']
 
 
 def _forms():
     return _FORMS[active()]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float) -> jax.Array:
+    """Softmax attention per head: q (B, H, W, C) over keys and values (B, M, C), logits times `scale`."""
+    return _forms().attention(q, k, v, heads, scale)
 
 
 def conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:

@@ -59,6 +59,26 @@ def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:
     return x.reshape(b, h * r, w * r, c)
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float) -> jax.Array:
+    """Softmax attention of every query over reduced keys and values, per head.
+
+    Args:
+      q: (B, H, W, C) queries; channel c belongs to head c // (C / heads), the official (heads, head_dim) order.
+      k, v: (B, M, C) keys and values (EMSA's reduced token grid, M = H W / r^2).
+      heads: the number of heads; scale: the logits' factor (head_dim^-0.5 unless set).
+
+    Returns:
+      (B, H, W, C) in q's dtype: logits and softmax in float32, the probabilities cast to q's dtype for
+      the product with v.
+    """
+    b, h, w, c = q.shape
+    m, hd = k.shape[1], c // heads
+    logits = jnp.einsum('bnhd,bmhd->bhnm', q.reshape(b, h * w, heads, hd), k.reshape(b, m, heads, hd),
+                        preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+    return jnp.einsum('bhnm,bmhd->bnhd', probs, v.reshape(b, m, heads, hd)).reshape(b, h, w, c)
+
+
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype) -> jax.Array:
     """LayerNorm over the last axis: statistics in float32, two-pass variance (PyTorch's), output in `dtype`.
 

@@ -15,10 +15,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rest_jax.ops import portable
+from rest_jax.ops import portable, tpu_attention
 from rest_jax.ops.portable import block_fence, conv, depthwise_conv, gelu, layer_norm, pa_fence, pixel_shuffle
 
-__all__ = ['block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'pa_fence', 'pixel_shuffle', 'upsample']
+__all__ = ['attention', 'block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'pa_fence', 'pixel_shuffle', 'upsample']
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float) -> jax.Array:
+    """`portable.attention` as Pallas kernels that keep the logits in VMEM (`tpu_attention`); the
+    portable form where a block of queries and its logits would not fit there."""
+    b, h, w, c = q.shape
+    if tpu_attention.query_block(h * w, c, k.shape[1]) is None:
+        return portable.attention(q, k, v, heads, scale)
+    return tpu_attention.attention(q.reshape(b, h * w, c), k, v, heads, scale).reshape(q.shape)
 
 
 # Ratios whose upsample branch runs as a transposed conv. Measured for one ResTv2 block at 224 (7 x 7

@@ -180,7 +180,7 @@ def run(config, workdir: str) -> dict[str, float]:
     mlog.log(f'{name} {overrides or ""}\n' + mlog.parameter_table(state_lib.count_by_stage(state.params)))
 
     train_step = step_lib.jit_train_step(model, tx, lr_fn, config, mesh, shardings)
-    eval_step = jax.jit(step_lib.make_eval_step(eval_model))
+    eval_step = jax.jit(sharding.traced_in(mesh, step_lib.make_eval_step(eval_model)))
 
     writer = mlog.MetricWriter(workdir, total_steps)
     preemption = ckpt.Preemption()

@@ -105,7 +105,7 @@ def jit_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedul
     batch = sharding.batch_sharding(mesh)
     step = make_train_step(model, tx, lr_fn, update_freq=config.update_freq, ema_decay=config.ema_decay,
                            seed=config.seed, batch_sharding=batch)
-    return jax.jit(step, in_shardings=(shardings, batch), out_shardings=(shardings, sharding.replicated(mesh)),
+    return jax.jit(sharding.traced_in(mesh, step), in_shardings=(shardings, batch), out_shardings=(shardings, sharding.replicated(mesh)),
                    donate_argnums=0)
 
 
