@@ -10,13 +10,15 @@ the probabilities in the input dtype for the product with v.
 
 The batch axis is split over the devices of the mesh in context (`jax.sharding.use_abstract_mesh`,
 set by rest_jax's train and eval steps): a Pallas call is opaque to XLA's partitioner, which would
-otherwise gather the whole batch onto every chip. Off a TPU (tests) the kernels run in Pallas's
-interpreter.
+otherwise gather the whole batch onto every chip. The kernels are compiled by Mosaic where the program
+is lowered for a TPU (a TPU-only `jax.export` artifact included, whatever host lowers it) and run in
+Pallas's interpreter on any other platform (the tests on a CPU).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +26,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
-
-from rest_jax.ops import dispatch
 
 _BLOCK_ELEMENTS = 1 << 18   # queries x max(channels, keys) per grid step: ~1 MB of float32 logits
 
@@ -52,8 +52,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
     b, n, c = q.shape
     block = query_block(n, c, k.shape[1])
     padded = -(-n // block) * block
-    interpret = dispatch.target_platform() != 'tpu'
-    fn = functools.partial(_attention, heads=heads, scale=scale, block=block, interpret=interpret)
+    fn = functools.partial(_attention, heads=heads, scale=scale, block=block)
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.size > 1 and b % mesh.size == 0:
         batch = P(tuple(mesh.axis_names))
@@ -106,11 +105,23 @@ def _specs(c, m, block):
     return queries, keys
 
 
-def _forward(q, k, v, heads, scale, block, interpret):
+def _on_platform(kernel_call: Callable, *args):
+    """`kernel_call(*args, interpret=...)`: Mosaic's kernel in a program lowered for a TPU, Pallas's
+    interpreter in one lowered for any other platform (decided at lowering, not by the tracing host)."""
+    return lax.platform_dependent(*args, tpu=functools.partial(kernel_call, interpret=False),
+                                  default=functools.partial(kernel_call, interpret=True))
+
+
+def _cost(batch, **figures) -> pl.CostEstimate | None:
+    """The kernel's cost for XLA's estimates; none for a symbolic batch (a `jax.export` for any batch)."""
+    return pl.CostEstimate(**figures) if isinstance(batch, int) else None
+
+
+def _forward_call(q, k, v, *, heads, scale, block, interpret):
     (b, n, c), m = q.shape, k.shape[1]
     queries, keys = _specs(c, m, block)
-    cost = pl.CostEstimate(flops=4 * b * n * m * c, transcendentals=b * heads * n * m,
-                           bytes_accessed=q.dtype.itemsize * (2 * b * n * c + 2 * b * m * c))
+    cost = _cost(b, flops=4 * b * n * m * c, transcendentals=b * heads * n * m,
+                 bytes_accessed=q.dtype.itemsize * (2 * b * n * c + 2 * b * m * c))
     return pl.pallas_call(
         functools.partial(_forward_kernel, heads=heads, scale=scale), grid=(b, n // block),
         in_specs=[queries, keys, keys], out_specs=queries, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -118,28 +129,37 @@ def _forward(q, k, v, heads, scale, block, interpret):
         cost_estimate=cost, interpret=interpret, name='emsa_attention')(q, k, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _attention(q, k, v, heads, scale, block, interpret):
-    return _forward(q, k, v, heads, scale, block, interpret)
-
-
-def _attention_fwd(q, k, v, heads, scale, block, interpret):
-    return _forward(q, k, v, heads, scale, block, interpret), (q, k, v)
-
-
-def _attention_bwd(heads, scale, block, interpret, residuals, g):
-    q, k, v = residuals
+def _backward_call(q, k, v, g, *, heads, scale, block, interpret):
     (b, n, c), m = q.shape, k.shape[1]
     queries, keys = _specs(c, m, block)
-    cost = pl.CostEstimate(flops=10 * b * n * m * c, transcendentals=b * heads * n * m,
-                           bytes_accessed=q.dtype.itemsize * (3 * b * n * c + 2 * b * m * c) + 4 * 2 * b * m * c)
+    cost = _cost(b, flops=10 * b * n * m * c, transcendentals=b * heads * n * m,
+                 bytes_accessed=q.dtype.itemsize * (3 * b * n * c + 2 * b * m * c) + 4 * 2 * b * m * c)
     summed = jax.ShapeDtypeStruct(k.shape, jnp.float32)   # dk, dv: float32 sums over the query blocks
-    dq, dk, dv = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_backward_kernel, heads=heads, scale=scale), grid=(b, n // block),
         in_specs=[queries, keys, keys, queries], out_specs=[queries, keys, keys],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), summed, summed],
         compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary')),
-        cost_estimate=cost, interpret=interpret, name='emsa_attention_backward')(q, k, v, g.astype(q.dtype))
+        cost_estimate=cost, interpret=interpret, name='emsa_attention_backward')(q, k, v, g)
+
+
+def _forward(q, k, v, heads, scale, block):
+    return _on_platform(functools.partial(_forward_call, heads=heads, scale=scale, block=block), q, k, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(q, k, v, heads, scale, block):
+    return _forward(q, k, v, heads, scale, block)
+
+
+def _attention_fwd(q, k, v, heads, scale, block):
+    return _forward(q, k, v, heads, scale, block), (q, k, v)
+
+
+def _attention_bwd(heads, scale, block, residuals, g):
+    q, k, v = residuals
+    dq, dk, dv = _on_platform(functools.partial(_backward_call, heads=heads, scale=scale, block=block),
+                              q, k, v, g.astype(q.dtype))
     return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 
 
