@@ -1,7 +1,8 @@
-"""XLA's TPU figures for one ResTv2 block's training step, upsample branch in each form, without a TPU.
+"""XLA's TPU figures for one ResTv2 block's training step, upsample branch (or attention) in each form, without a TPU.
 
     pip install -r requirements-tpu.txt
     python docs/tpu_forms.py [--target v5p:2x2x1] [--batch-per-chip 128] [--stages 1 2 3]
+    python docs/tpu_forms.py --attention [--stages 1 2 3 4]
 
 For each stage of restv2_tiny (its width, heads and reduction ratio; 224 x 224 input, so 7 x 7 reduced
 values) it compiles the gradient of one block for the target's chips, batch split over them, bfloat16,
@@ -9,7 +10,8 @@ and prints XLA's bytes accessed and time estimate per chip with three forms of t
 the portable form (grouped conv, then PixelShuffle), the transposed conv differentiated by autodiff,
 and the transposed conv with rest_jax.ops.tpu's custom VJP (the TPU form at ratios 4 and 8). Compiler
 estimates, not measurements; ~10 minutes on a 2-core host. The figures behind
-rest_jax.ops.tpu.TRANSPOSED_RATIOS (docs/tpu.md).
+rest_jax.ops.tpu.TRANSPOSED_RATIOS (docs/tpu.md). With --attention: the TPU forms with the portable
+attention and with the attention kernels (rest_jax.ops.tpu_attention).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from rest_jax import deviceless, hlo_stats, ops  # noqa: E402
 from rest_jax.models import rest_v2  # noqa: E402
 from rest_jax.ops import portable, tpu  # noqa: E402
 
-STAGES = {1: (96, 1, 8, 56), 2: (192, 2, 4, 28), 3: (384, 4, 2, 14)}   # width, heads, ratio, side
+STAGES = {1: (96, 1, 8, 56), 2: (192, 2, 4, 28), 3: (384, 4, 2, 14), 4: (768, 8, 1, 7)}   # width, heads, ratio, side
 
 
 def _autodiff_transposed(x, kernel, bias, ratio):
@@ -41,7 +43,9 @@ FORMS = {'portable': portable.upsample, 'transposed, autodiff': _autodiff_transp
          'transposed, custom VJP': tpu._transposed_upsample}
 
 
-def block_step(stage: int, devices, per_chip: int, upsample) -> dict:
+def block_step(stage: int, devices, per_chip: int, upsample=None, attention=None) -> dict:
+    """One block's gradient: the portable forms with `upsample` as the upsample branch, or (given
+    `attention`) the TPU forms with `attention` as EMSA's attention."""
     c, heads, r, side = STAGES[stage]
     block = rest_v2.Block(heads, r, 0.0, jnp.bfloat16)
     mesh = Mesh(np.array(devices), ('data',))
@@ -51,16 +55,17 @@ def block_step(stage: int, devices, per_chip: int, upsample) -> dict:
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())), params)
 
     def loss(params, x):
-        with ops.kernel_forms('xla'):
+        with ops.kernel_forms('xla' if attention is None else 'tpu'), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return jnp.sum(jnp.square(block.apply(params, x).astype(jnp.float32)))
 
-    saved = portable.upsample
-    portable.upsample = upsample
+    module, name, form = (portable, 'upsample', upsample) if attention is None else (tpu, 'attention', attention)
+    saved = getattr(module, name)
+    setattr(module, name, form)
     try:
         start = time.perf_counter()
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
     finally:
-        portable.upsample = saved
+        setattr(module, name, saved)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     gathers = hlo_stats.collectives(compiled.as_text()).get('all-gather', {})
@@ -72,16 +77,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--target', default='v5p:2x2x1')
     parser.add_argument('--batch-per-chip', type=int, default=128)
-    parser.add_argument('--stages', type=int, nargs='+', default=[1, 2, 3], choices=sorted(STAGES))
+    parser.add_argument('--stages', type=int, nargs='+', choices=sorted(STAGES))
+    parser.add_argument('--attention', action='store_true', help='compare the attention forms instead')
     args = parser.parse_args()
+    stages = args.stages or ([1, 2, 3, 4] if args.attention else [1, 2, 3])
     devices = deviceless.topology_devices(args.target)
     print(f'one restv2_tiny block, training step, {args.batch_per_chip} per chip on {args.target} '
           f'({len(devices)} chips), bfloat16; XLA per chip (compiler estimates)')
-    print('| stage (ratio) | upsample form | bytes accessed | XLA estimate | activations all-gathered | compile |')
+    forms = ({'portable attention': dict(attention=portable.attention), 'attention kernels': dict(attention=tpu.attention)}
+             if args.attention else {name: dict(upsample=form) for name, form in FORMS.items()})
+    print(f'| stage (ratio) | {"attention" if args.attention else "upsample"} form | bytes accessed | XLA estimate | '
+          'activations all-gathered | compile |')
     print('|---|---|---:|---:|---:|---:|')
-    for stage in args.stages:
-        for name, form in FORMS.items():
-            f = block_step(stage, devices, args.batch_per_chip, form)
+    for stage in stages:
+        for name, form in forms.items():
+            f = block_step(stage, devices, args.batch_per_chip, **form)
             est = f'{f["seconds"] * 1e3:.2f} ms' if f['seconds'] > 0 else '-'
             print(f'| {stage} (r = {STAGES[stage][2]}) | {name} | {f["bytes"] / 1e9:.2f} GB | {est} | '
                   f'{f["gathered"] / 1e6:.0f} MB | {f["compile_s"]:.0f} s |', flush=True)

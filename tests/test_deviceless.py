@@ -93,6 +93,27 @@ def test_train_step_for_a_tpu_slice(fsdp2):
     assert r['roofline']['step_s'] > 0 and 0 < r['mfu_roofline'] < 1 and len(r['top_bytes']) == 10
 
 
+@needs_libtpu
+def test_inference_over_several_chips_with_and_without_a_mesh_in_context(monkeypatch):
+    """`jax.jit` inference of a batch split over four chips: under `jax.set_mesh` the attention kernels
+    run on each chip's own images (no collective); with no mesh in context, on a host with several
+    chips, the portable attention runs (XLA's partitioner cannot split a Pallas call), so it compiles."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import jax.numpy as jnp
+    import rest_jax
+    mesh = Mesh(np.array(deviceless.topology_devices(TARGET)), ('data',))
+    model = rest_jax.create_model('restv2_tiny', **REDUCED, impl='tpu', dtype=jnp.bfloat16)
+    variables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())),
+                             jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+    images = jax.ShapeDtypeStruct((4 * 8, 64, 64, 3), jnp.float32, sharding=NamedSharding(mesh, P('data')))
+    with jax.set_mesh(mesh):
+        text = jax.jit(model.apply).lower(variables, images).compile().as_text()
+    assert text.count('custom_call_target="tpu_custom_call"') == 4 and hlo_stats.collectives(text) == {}
+    monkeypatch.setattr(jax, 'device_count', lambda *a: 4)   # this host's four TPU chips
+    text = jax.jit(model.apply).lower(variables, images).compile().as_text()
+    assert 'tpu_custom_call' not in text
+
+
 def test_sources_of_rematerialised_ops():
     """An op that jax.checkpoint recomputes (remat) is attributed to its layer, as the rest."""
     prefix = 'jit(train_step)/transpose(jvp(ResTV2))/ResTV2.forward_features/stage4_0/mlp/fc2'

@@ -93,6 +93,8 @@ def test_tpu_attention_kernels_equal_the_portable_form(monkeypatch, dtype):
         def outputs(form):
             out, vjp = jax.vjp(lambda q, k, v: form(q, k, v, heads, scale), q, k, v)
             return (out, *vjp(g))
+        # forward and backward kernels, each as Mosaic's and the interpreter's (lax.platform_dependent)
+        assert str(jax.make_jaxpr(outputs, static_argnums=0)(tpu.attention)).count('pallas_call') == 4
         for a, b in zip(jax.jit(outputs, static_argnums=0)(tpu.attention),
                         jax.jit(outputs, static_argnums=0)(portable.attention)):
             assert a.dtype == b.dtype == dt
@@ -308,7 +310,8 @@ def test_model_forms_follow_the_target(name):
     assert ('transposed conv' in tpu_ops - portable_ops) == name.startswith('restv2')
     assert 'pallas_call' in tpu_ops and 'pallas_call' not in portable_ops | cpu_ops   # the attention kernels
     if not name.startswith('restv2'):   # no upsample branch in v1: its other TPU forms are the portable ones
-        assert tpu_ops - portable_ops == {'pallas_call', 'get', 'swap'}   # the kernels' reads and writes
+        # the kernels, their reads and writes, and the choice of Mosaic or the interpreter at lowering
+        assert tpu_ops - portable_ops == {'pallas_call', 'get', 'swap', 'cond', 'platform_index'}
     assert rest_jax.create_model(name, conv_impl='lax').conv_impl == 'xla'
     with pytest.raises(ValueError, match='kernel forms'):
         rest_jax.create_model(name, impl='gpu')

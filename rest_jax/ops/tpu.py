@@ -23,9 +23,12 @@ __all__ = ['attention', 'block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float) -> jax.Array:
     """`portable.attention` as Pallas kernels that keep the logits in VMEM (`tpu_attention`); the
-    portable form where a block of queries and its logits would not fit there."""
+    portable form where a block of queries and its logits would not fit there, and where the batch may
+    be split over devices with no mesh in context to split the kernels by (XLA's partitioner cannot
+    split a Pallas call: a `jax.jit` over several chips outside `jax.set_mesh`)."""
     b, h, w, c = q.shape
-    if tpu_attention.query_block(h * w, c, k.shape[1]) is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    if tpu_attention.query_block(h * w, c, k.shape[1]) is None or (mesh.empty and jax.device_count() > 1):
         return portable.attention(q, k, v, heads, scale)
     return tpu_attention.attention(q.reshape(b, h * w, c), k, v, heads, scale).reshape(q.shape)
 

@@ -54,7 +54,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
     padded = -(-n // block) * block
     fn = functools.partial(_attention, heads=heads, scale=scale, block=block)
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1 and b % mesh.size == 0:
+    if not mesh.empty and mesh.size > 1 and b % mesh.size == 0 and not mesh.manual_axes:   # (inside a shard_map: local)
         batch = P(tuple(mesh.axis_names))
         fn = jax.shard_map(fn, mesh=mesh, in_specs=(batch,) * 3, out_specs=batch, check_vma=False)
     if padded == n:
