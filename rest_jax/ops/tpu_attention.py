@@ -8,9 +8,9 @@ kernel recomputes the probabilities instead of keeping them. The portable form w
 each pass. The arithmetic is the portable form's (`portable.attention`): float32 logits and softmax,
 the probabilities in the input dtype for the product with v.
 
-The batch axis is split over the devices of the mesh in context (`jax.sharding.use_abstract_mesh`,
-set by rest_jax's train and eval steps): a Pallas call is opaque to XLA's partitioner, which would
-otherwise gather the whole batch onto every chip. The kernels are compiled by Mosaic where the program
+The batch axis is split over the devices of the mesh in context (`jax.set_mesh`, or the abstract mesh
+rest_jax's train and eval steps trace under): XLA's partitioner cannot split a Pallas call itself
+(`rest_jax.ops.tpu` runs the portable form where a batch may be split with no mesh in context). The kernels are compiled by Mosaic where the program
 is lowered for a TPU (a TPU-only `jax.export` artifact included, whatever host lowers it) and run in
 Pallas's interpreter on any other platform (the tests on a CPU).
 """
