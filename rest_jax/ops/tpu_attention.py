@@ -10,9 +10,10 @@ the probabilities in the input dtype for the product with v.
 
 The batch axis is split over the devices of the mesh in context (`jax.set_mesh`, or the abstract mesh
 rest_jax's train and eval steps trace under): XLA's partitioner cannot split a Pallas call itself
-(`rest_jax.ops.tpu` runs the portable form where a batch may be split with no mesh in context). The kernels are compiled by Mosaic where the program
-is lowered for a TPU (a TPU-only `jax.export` artifact included, whatever host lowers it) and run in
-Pallas's interpreter on any other platform (the tests on a CPU).
+(`rest_jax.ops.tpu` runs the portable form where a batch may be split with no mesh in context). The
+kernels are compiled by Mosaic where the program is lowered for a TPU (a TPU-only `jax.export`
+artifact included, whatever host lowers it) and run in Pallas's interpreter on any other platform
+(the tests on a CPU).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
     padded = -(-n // block) * block
     fn = functools.partial(_attention, heads=heads, scale=scale, block=block)
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1 and b % mesh.size == 0 and not mesh.manual_axes:   # (inside a shard_map: local)
+    # Inside a shard_map (manual axes) the arrays are already local.
+    if not mesh.empty and mesh.size > 1 and b % mesh.size == 0 and not mesh.manual_axes:
         batch = P(tuple(mesh.axis_names))
         fn = jax.shard_map(fn, mesh=mesh, in_specs=(batch,) * 3, out_specs=batch, check_vma=False)
     if padded == n:
