@@ -1,8 +1,9 @@
-"""XLA's TPU figures for one ResTv2 block's training step, upsample branch (or attention) in each form, without a TPU.
+"""XLA's TPU figures for one ResTv2 block's training step, upsample branch (or attention, or MLP) in each form, without a TPU.
 
     pip install -r requirements-tpu.txt
     python docs/tpu_forms.py [--target v5p:2x2x1] [--batch-per-chip 128] [--stages 1 2 3]
     python docs/tpu_forms.py --attention [--stages 1 2 3 4]
+    python docs/tpu_forms.py --mlp
 
 For each stage of restv2_tiny (its width, heads and reduction ratio; 224 x 224 input, so 7 x 7 reduced
 values) it compiles the gradient of one block for the target's chips, batch split over them, bfloat16,
@@ -11,7 +12,9 @@ the portable form (grouped conv, then PixelShuffle), the transposed conv differe
 and the transposed conv with rest_jax.ops.tpu's custom VJP (the TPU form at ratios 4 and 8). Compiler
 estimates, not measurements; ~10 minutes on a 2-core host. The figures behind
 rest_jax.ops.tpu.TRANSPOSED_RATIOS (docs/tpu.md). With --attention: the TPU forms with the portable
-attention and with the attention kernels (rest_jax.ops.tpu_attention).
+attention and with the attention kernels (rest_jax.ops.tpu_attention). With --mlp: the TPU forms with
+the portable MLP and with the MLP kernels (rest_jax.ops.tpu_mlp), for the first two stages' blocks of
+restv2_tiny, restv2_large and rest_lite (the figures behind tpu_mlp._MAX_CHANNELS).
 """
 
 from __future__ import annotations
@@ -28,10 +31,14 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from rest_jax import deviceless, hlo_stats, ops  # noqa: E402
-from rest_jax.models import rest_v2  # noqa: E402
-from rest_jax.ops import portable, tpu  # noqa: E402
+from rest_jax.models import rest, rest_v2  # noqa: E402
+from rest_jax.ops import portable, tpu, tpu_mlp  # noqa: E402
 
 STAGES = {1: (96, 1, 8, 56), 2: (192, 2, 4, 28), 3: (384, 4, 2, 14), 4: (768, 8, 1, 7)}   # width, heads, ratio, side
+# The blocks of --mlp: (ResT version, width, heads, ratio, side).
+MLP_BLOCKS = {'restv2_tiny stage 1': (2, 96, 1, 8, 56), 'restv2_tiny stage 2': (2, 192, 2, 4, 28),
+              'restv2_large stage 1': (2, 128, 2, 8, 56), 'restv2_large stage 2': (2, 256, 4, 4, 28),
+              'rest_lite stage 1': (1, 64, 1, 8, 56), 'rest_lite stage 2': (1, 128, 2, 4, 28)}
 
 
 def _autodiff_transposed(x, kernel, bias, ratio):
@@ -43,11 +50,13 @@ FORMS = {'portable': portable.upsample, 'transposed, autodiff': _autodiff_transp
          'transposed, custom VJP': tpu._transposed_upsample}
 
 
-def block_step(stage: int, devices, per_chip: int, upsample=None, attention=None) -> dict:
+def block_step(stage, devices, per_chip: int, upsample=None, attention=None, mlp=None) -> dict:
     """One block's gradient: the portable forms with `upsample` as the upsample branch, or (given
-    `attention`) the TPU forms with `attention` as EMSA's attention."""
-    c, heads, r, side = STAGES[stage]
-    block = rest_v2.Block(heads, r, 0.0, jnp.bfloat16)
+    `attention` or `mlp`) the TPU forms with `attention` as EMSA's attention or `mlp` as the MLP. `stage`
+    is a restv2_tiny stage, or a name in MLP_BLOCKS."""
+    version, c, heads, r, side = MLP_BLOCKS[stage] if stage in MLP_BLOCKS else (2, *STAGES[stage])
+    block = (rest_v2.Block(heads, r, 0.0, jnp.bfloat16) if version == 2
+             else rest.Block(heads, sr_ratio=r, dtype=jnp.bfloat16))
     mesh = Mesh(np.array(devices), ('data',))
     x = jax.ShapeDtypeStruct((per_chip * len(devices), side, side, c), jnp.bfloat16,
                              sharding=NamedSharding(mesh, P('data')))
@@ -55,10 +64,11 @@ def block_step(stage: int, devices, per_chip: int, upsample=None, attention=None
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())), params)
 
     def loss(params, x):
-        with ops.kernel_forms('xla' if attention is None else 'tpu'), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        with ops.kernel_forms('xla' if upsample is not None else 'tpu'), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return jnp.sum(jnp.square(block.apply(params, x).astype(jnp.float32)))
 
-    module, name, form = (portable, 'upsample', upsample) if attention is None else (tpu, 'attention', attention)
+    module, name, form = ((portable, 'upsample', upsample) if upsample is not None else
+                          (tpu, 'attention', attention) if attention is not None else (tpu, 'mlp', mlp))
     saved = getattr(module, name)
     setattr(module, name, form)
     try:
@@ -79,21 +89,29 @@ def main() -> None:
     parser.add_argument('--batch-per-chip', type=int, default=128)
     parser.add_argument('--stages', type=int, nargs='+', choices=sorted(STAGES))
     parser.add_argument('--attention', action='store_true', help='compare the attention forms instead')
+    parser.add_argument('--mlp', action='store_true', help='compare the MLP forms instead')
     args = parser.parse_args()
-    stages = args.stages or ([1, 2, 3, 4] if args.attention else [1, 2, 3])
+    stages = list(MLP_BLOCKS) if args.mlp else args.stages or ([1, 2, 3, 4] if args.attention else [1, 2, 3])
     devices = deviceless.topology_devices(args.target)
-    print(f'one restv2_tiny block, training step, {args.batch_per_chip} per chip on {args.target} '
+    print(f'one block, training step, {args.batch_per_chip} per chip on {args.target} '
           f'({len(devices)} chips), bfloat16; XLA per chip (compiler estimates)')
-    forms = ({'portable attention': dict(attention=portable.attention), 'attention kernels': dict(attention=tpu.attention)}
-             if args.attention else {name: dict(upsample=form) for name, form in FORMS.items()})
-    print(f'| stage (ratio) | {"attention" if args.attention else "upsample"} form | bytes accessed | XLA estimate | '
-          'activations all-gathered | compile |')
+    if args.mlp:
+        # the MLP kernels for every width (the rule in tpu_mlp.fits lifted), against the portable MLP
+        kernels = lambda x, w1, b1, w2, b2, dtype: tpu_mlp.mlp(x.astype(dtype), w1, b1, w2, b2)  # noqa: E731
+        forms = {'portable MLP': dict(mlp=portable.mlp), 'MLP kernels': dict(mlp=kernels)}
+    elif args.attention:
+        forms = {'portable attention': dict(attention=portable.attention), 'attention kernels': dict(attention=tpu.attention)}
+    else:
+        forms = {name: dict(upsample=form) for name, form in FORMS.items()}
+    kind = 'MLP' if args.mlp else 'attention' if args.attention else 'upsample'
+    print(f'| block | {kind} form | bytes accessed | XLA estimate | activations all-gathered | compile |')
     print('|---|---|---:|---:|---:|---:|')
     for stage in stages:
         for name, form in forms.items():
             f = block_step(stage, devices, args.batch_per_chip, **form)
             est = f'{f["seconds"] * 1e3:.2f} ms' if f['seconds'] > 0 else '-'
-            print(f'| {stage} (r = {STAGES[stage][2]}) | {name} | {f["bytes"] / 1e9:.2f} GB | {est} | '
+            label = stage if args.mlp else f'{stage} (r = {STAGES[stage][2]})'
+            print(f'| {label} | {name} | {f["bytes"] / 1e9:.2f} GB | {est} | '
                   f'{f["gathered"] / 1e6:.0f} MB | {f["compile_s"]:.0f} s |', flush=True)
 
 

@@ -26,9 +26,10 @@ def compile_reduced(fsdp: int, batch_per_chip: int):
     return ct, deviceless.report(ct)
 
 
-# 64 images per chip: with much fewer, the stage-4 activations are smaller than its weights and XLA
-# rightly gathers activations instead of weights under fsdp; real batches are far past that point.
-PER_CHIP = 64
+# 128 images per chip: with much fewer, the stage-4 activations are smaller than its weights and XLA
+# rightly gathers activations instead of weights under fsdp (real batches are far past that point);
+# and 128 fill the lanes of XLA's batch-minor layout, which the MLP kernels need.
+PER_CHIP = 128
 
 
 @pytest.fixture(scope='module')
@@ -78,12 +79,16 @@ def test_train_step_for_a_tpu_slice(fsdp2):
     layers = sharded_layers(ct)
     gathered = {s.removeprefix('bwd ').rsplit('/', 1)[0] for s in gathers['sources']}
     assert layers and gathered == layers, (gathered, layers)
-    # The attention of every block runs as the Pallas kernels, forward and backward, on each chip's own
-    # images (split by hand: XLA would gather a custom call's whole batch, which the check above excludes).
+    # The attention and the MLP (at most 128 channels: every stage of this model) of every block run as
+    # the Pallas kernels, forward and backward, on each chip's own images (split by hand: XLA would
+    # gather a custom call's whole batch, which the check above excludes); the MLP kernels read XLA's
+    # batch-minor layout as it is, with no copy of an activation around them.
+    rows = hlo_stats.op_bytes(ct.compiled.as_text())
     kernels = sorted(row['source'].split('/')[0] + ' ' + row['source'].split('/')[-2]
-                     for row in hlo_stats.op_bytes(ct.compiled.as_text()) if row['op'] == 'custom-call')
-    assert kernels == sorted(f'{p}stage{i}_0 emsa_attention{b}' for i in range(1, 5)
+                     for row in rows if row['op'] == 'custom-call')
+    assert kernels == sorted(f'{p}stage{i}_0 {k}{b}' for i in range(1, 5) for k in ('emsa_attention', 'mlp')
                              for p, b in [('', ''), ('bwd ', '_backward')]), kernels
+    assert [row for row in rows if row['op'] == 'copy' and '/mlp/' in row['source'] and row['shape'].count(',') >= 2] == []
     # The parameters, their EMA and the Adam moments are stored sharded: less state per chip.
     per_chip, whole = state_bytes(ct)
     assert per_chip < 0.75 * whole
@@ -96,8 +101,9 @@ def test_train_step_for_a_tpu_slice(fsdp2):
 @needs_libtpu
 def test_inference_over_several_chips_with_and_without_a_mesh_in_context(monkeypatch):
     """`jax.jit` inference of a batch split over four chips: under `jax.set_mesh` the attention kernels
-    run on each chip's own images (no collective); with no mesh in context, on a host with several
-    chips, the portable attention runs (XLA's partitioner cannot split a Pallas call), so it compiles."""
+    run on each chip's own images (no collective), and the MLP is XLA's own form (one fusion, when it is
+    not differentiated); with no mesh in context, on a host with several chips, the portable attention
+    runs (XLA's partitioner cannot split a Pallas call), so it compiles."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import jax.numpy as jnp
     import rest_jax
@@ -105,13 +111,42 @@ def test_inference_over_several_chips_with_and_without_a_mesh_in_context(monkeyp
     model = rest_jax.create_model('restv2_tiny', **REDUCED, impl='tpu', dtype=jnp.bfloat16)
     variables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())),
                              jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
-    images = jax.ShapeDtypeStruct((4 * 8, 64, 64, 3), jnp.float32, sharding=NamedSharding(mesh, P('data')))
+    images = jax.ShapeDtypeStruct((4 * 128, 64, 64, 3), jnp.float32, sharding=NamedSharding(mesh, P('data')))
     with jax.set_mesh(mesh):
         text = jax.jit(model.apply).lower(variables, images).compile().as_text()
-    assert text.count('custom_call_target="tpu_custom_call"') == 4 and hlo_stats.collectives(text) == {}
+    kernels = sorted(row['source'].split('/')[0] + ' ' + row['source'].split('/')[-2]
+                     for row in hlo_stats.op_bytes(text) if row['op'] == 'custom-call')
+    assert kernels == [f'stage{i}_0 emsa_attention' for i in range(1, 5)], kernels
+    assert hlo_stats.collectives(text) == {}
     monkeypatch.setattr(jax, 'device_count', lambda *a: 4)   # this host's four TPU chips
     text = jax.jit(model.apply).lower(variables, images).compile().as_text()
     assert 'tpu_custom_call' not in text
+
+
+@needs_libtpu
+def test_mlp_kernels_compile_for_tpu_in_both_layouts():
+    """The MLP's gradient over four chips under `jax.set_mesh`: Mosaic compiles both kernels for the
+    batch in the lanes (128 images per chip) and for rows of channels (8 per chip); the weight
+    gradients are summed over the chips, and nothing else crosses between them."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import jax.numpy as jnp
+    from rest_jax.ops import tpu
+    mesh = Mesh(np.array(deviceless.topology_devices(TARGET)), ('data',))
+    replicated = NamedSharding(mesh, P())
+    w1, w2 = jax.ShapeDtypeStruct((32, 128), jnp.float32, sharding=replicated), jax.ShapeDtypeStruct(
+        (128, 32), jnp.float32, sharding=replicated)
+    b1, b2 = jax.ShapeDtypeStruct((128,), jnp.float32, sharding=replicated), jax.ShapeDtypeStruct(
+        (32,), jnp.float32, sharding=replicated)
+
+    def loss(x, *weights):
+        return jnp.sum(tpu.mlp(x, *weights, jnp.bfloat16).astype(jnp.float32) ** 2)
+    for per_chip in (128, 8):
+        x = jax.ShapeDtypeStruct((4 * per_chip, 8, 8, 32), jnp.bfloat16, sharding=NamedSharding(mesh, P('data')))
+        with jax.set_mesh(mesh):
+            text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(x, w1, b1, w2, b2).compile().as_text()
+        kernels = sorted(row['source'].split('/')[-2] for row in hlo_stats.op_bytes(text) if row['op'] == 'custom-call')
+        assert kernels == ['mlp', 'mlp_backward'], (per_chip, kernels)
+        assert set(hlo_stats.collectives(text)) == {'all-reduce'}
 
 
 def test_sources_of_rematerialised_ops():

@@ -15,7 +15,7 @@ import pytest
 
 import rest_jax
 from rest_jax import ops
-from rest_jax.ops import cpu, cpu_isa, portable, tpu, tpu_attention
+from rest_jax.ops import cpu, cpu_isa, portable, tpu, tpu_attention, tpu_mlp
 
 FORMS = {'cpu': cpu, 'xla': portable, 'tpu': tpu}
 
@@ -113,6 +113,67 @@ def test_tpu_attention_query_blocks():
     q = jax.ShapeDtypeStruct((1, 200, 333, 8), jnp.float32)
     jaxpr = str(jax.make_jaxpr(tpu.attention, static_argnums=(3, 4))(q, k, v, 1, 0.1))
     assert 'pallas_call' not in jaxpr and 'dot_general' in jaxpr   # the portable form
+
+
+@pytest.mark.parametrize('dtype, batch', [('float32', 256), ('bfloat16', 128), ('float32', 6), ('bfloat16', 6)])
+def test_tpu_mlp_kernels_equal_the_portable_form(monkeypatch, dtype, batch):
+    """The Pallas MLP (run by Pallas's interpreter here) against the portable form, values and the
+    gradients of x and of both layers' weights and biases, in both layouts: the batch in the lanes (a
+    multiple of 128 images; two lane blocks at 256) and rows of channels (fewer images). Tokens or rows
+    padded to whole grid steps, several steps in each half of the backward grid, the weight gradients
+    summed over all of them. In bfloat16 both are held to the float32 form on the same rounded inputs:
+    the kernels sum the bias gradients in float32, closer to it than the portable form's bfloat16 sums
+    (~4 % of the largest here)."""
+    monkeypatch.setattr(tpu_mlp, '_HIDDEN_ELEMENTS', 2 * 32 * 128)     # two tokens per grid step
+    monkeypatch.setattr(tpu_mlp, '_ROW_HIDDEN_ELEMENTS', 16 * 32)      # 16 rows per grid step
+    dt = jnp.dtype(dtype)
+    c, f = 8, 32
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(keys[0], (batch, 3, 5, c), dt)
+    w1, w2 = jax.random.normal(keys[1], (c, f)) / c ** 0.5, jax.random.normal(keys[2], (f, c)) / f ** 0.5
+    b1, b2 = 0.5 * jax.random.normal(keys[3], (f,)), 0.5 * jax.random.normal(keys[4], (c,))
+    g = jax.random.normal(keys[5], x.shape, dt)
+    assert tpu_mlp.tokens_per_step(f, 15) == 2 and tpu_mlp.rows_per_step(f, 6 * 15) == 16 and tpu_mlp.fits(c, f)
+
+    def outputs(form, dtype, *args):
+        out, vjp = jax.vjp(lambda *a: form(*a, dtype), *args)
+        return (out, *vjp(g.astype(out.dtype)))
+    args = (x, w1, b1, w2, b2)
+    # forward and backward kernels, each as Mosaic's and the interpreter's (lax.platform_dependent)
+    assert str(jax.make_jaxpr(outputs, static_argnums=(0, 1))(tpu.mlp, dt, *args)).count('pallas_call') == 4
+    got = jax.jit(outputs, static_argnums=(0, 1))(tpu.mlp, dt, *args)
+    rounded = [a.astype(dt).astype(jnp.float32) for a in args]
+    want = jax.jit(outputs, static_argnums=(0, 1))(portable.mlp, jnp.float32, *rounded)
+    for a, r in zip(got, want):
+        assert a.shape == r.shape and a.dtype == (dt if a.ndim == 4 else jnp.float32)
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        if dt == jnp.float32:
+            np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+        else:
+            assert np.max(np.abs(a - r)) <= 1e-2 * np.max(np.abs(r))
+
+
+def test_tpu_mlp_where_the_kernels_run():
+    """The kernels where they lower XLA's estimate (at most 128 channels), for any batch, and only where
+    the MLP is differentiated; the portable form for wider MLPs and in inference (XLA fuses its own form
+    into one op there)."""
+    def kernels(c, batch):
+        x = jax.ShapeDtypeStruct((batch, 7, 7, c), jnp.bfloat16)
+        w1, w2 = jax.ShapeDtypeStruct((c, 4 * c), jnp.float32), jax.ShapeDtypeStruct((4 * c, c), jnp.float32)
+        b1, b2 = jax.ShapeDtypeStruct((4 * c,), jnp.float32), jax.ShapeDtypeStruct((c,), jnp.float32)
+
+        def loss(*a):
+            return jnp.sum(tpu.mlp(*a, jnp.bfloat16).astype(jnp.float32))
+        assert 'pallas_call' not in str(jax.make_jaxpr(loss)(x, w1, b1, w2, b2))
+        return 'pallas_call' in str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, w1, b1, w2, b2))
+    assert [kernels(c, 128) for c in (64, 96, 128, 192, 256)] == [True, True, True, False, False]
+    assert [kernels(96, b) for b in (32, 200)] == [True, True]
+    # Tokens per grid step with the batch in the lanes, at 224 (stage 1 of v2 and v1, stage 2 of v1)
+    # and where a power of two would pad the tokens by more than an eighth (4 tokens at 64 x 64, 17);
+    # rows per step otherwise (32 images at 224, stage 1 of v2; an odd count, padded).
+    assert [tpu_mlp.tokens_per_step(f, n) for f, n in [(384, 3136), (256, 3136), (512, 784), (512, 4), (512, 17)]] \
+        == [8, 16, 8, 2, 1]
+    assert [tpu_mlp.rows_per_step(f, r) for f, r in [(384, 32 * 3136), (384, 15)]] == [512, 16]
 
 
 def test_exact_gelu_gradient():

@@ -158,6 +158,16 @@ class DropPath(nn.Module):
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+class LinearParams(nn.Module):
+    """The parameters of `dense` ('kernel' (C, F), 'bias' (F,)), for an op that applies them itself."""
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        return (self.param('kernel', weight_init, (in_features, self.features)),
+                self.param('bias', nn.initializers.zeros_init(), (self.features,)))
+
+
 class Mlp(nn.Module):
     """fc1 -> exact GELU -> fc2 (PyTorch's nn.GELU() is the erf form; Flax defaults to tanh)."""
     hidden_features: int
@@ -165,10 +175,10 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        out = x.shape[-1]
-        x = dense(self.hidden_features, dtype=self.dtype, name='fc1')(x)
-        x = ops.gelu(x)
-        return dense(out, dtype=self.dtype, name='fc2')(x)
+        c = x.shape[-1]
+        w1, b1 = LinearParams(self.hidden_features, name='fc1')(c)
+        w2, b2 = LinearParams(c, name='fc2')(self.hidden_features)
+        return ops.mlp(x, w1, b1, w2, b2, self.dtype)
 
 
 def stochastic_depth_rates(rate: float, depths) -> list[float]:

@@ -1,8 +1,9 @@
 """The array ops of the ResT models, each run in the kernel form chosen for the target platform.
 
 One function per op; each dispatches to its form in `portable` (the reference, run on GPUs), `cpu`
-(the same arithmetic in the shapes XLA:CPU runs fastest) or `tpu` (the portable forms, but for ResTv2's
-upsample branch, which moves fewer HBM bytes on a TPU as a transposed conv), as `dispatch` resolves it:
+(the same arithmetic in the shapes XLA:CPU runs fastest) or `tpu` (the portable forms, but for those that
+move fewer HBM bytes on a TPU in another form: Pallas kernels for EMSA's attention and the narrow MLPs,
+ResTv2's upsample branch as a transposed conv), as `dispatch` resolves it:
 
     with rest_jax.ops.kernel_forms('auto'):   # the models do this with their `impl` field
         y = rest_jax.ops.depthwise_conv(x, kernel, stride=8, pad=4)
@@ -20,9 +21,9 @@ from rest_jax.ops.portable import conv_output_size
 
 _FORMS = {'xla': portable, 'cpu': cpu, 'tpu': tpu}
 
-__all__ = ['ALIASES', 'IMPLS', 'active', 'attention', 'block_fence', 'canonical', 'conv', 'conv_output_size', 'depthwise_conv',
-           'gelu', 'kernel_forms', 'layer_norm', 'pa_fence', 'pixel_shuffle', 'resolve', 'target_platform',
-           'upsample']
+__all__ = ['ALIASES', 'IMPLS', 'active', 'attention', 'block_fence', 'canonical', 'conv', 'conv_output_size',
+           'depthwise_conv', 'gelu', 'kernel_forms', 'layer_norm', 'mlp', 'pa_fence', 'pixel_shuffle',
+           'resolve', 'target_platform', 'upsample']
 
 
 def _forms():
@@ -47,6 +48,11 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> ja
 def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:
     """ResTv2's upsample branch: depthwise 3x3 to C * r * r channels, bias, PixelShuffle(r)."""
     return _forms().upsample(x, kernel, bias, ratio)
+
+
+def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, dtype) -> jax.Array:
+    """fc1 (w1 (C, F), b1), exact GELU, fc2 (w2 (F, C), b2) over x's last axis, computed in `dtype`."""
+    return _forms().mlp(x, w1, b1, w2, b2, dtype)
 
 
 def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from rest_jax.ops import cpu_isa, cpu_tune, portable
-from rest_jax.ops.portable import attention, conv_output_size, gelu, pixel_shuffle
+from rest_jax.ops.portable import attention, conv_output_size, gelu, mlp, pixel_shuffle
 
-__all__ = ['attention', 'block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'pa_fence', 'pixel_shuffle', 'upsample']
+__all__ = ['attention', 'block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'mlp', 'pa_fence',
+           'pixel_shuffle', 'upsample']
 
 
 # --- dense convolutions ---------------------------------------------------------------------------

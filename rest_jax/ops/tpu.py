@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rest_jax.ops import portable, tpu_attention
+from rest_jax.ops import portable, tpu_attention, tpu_mlp
 from rest_jax.ops.portable import block_fence, conv, depthwise_conv, gelu, layer_norm, pa_fence, pixel_shuffle
 
-__all__ = ['attention', 'block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'pa_fence', 'pixel_shuffle', 'upsample']
+__all__ = ['attention', 'block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'mlp', 'pa_fence',
+           'pixel_shuffle', 'upsample']
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float) -> jax.Array:
@@ -31,6 +32,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
     if tpu_attention.query_block(h * w, c, k.shape[1]) is None or (mesh.empty and jax.device_count() > 1):
         return portable.attention(q, k, v, heads, scale)
     return tpu_attention.attention(q.reshape(b, h * w, c), k, v, heads, scale).reshape(q.shape)
+
+
+def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, dtype) -> jax.Array:
+    """`portable.mlp`, differentiated, as Pallas kernels that keep the hidden activations in VMEM
+    (`tpu_mlp`) where the channels are few (at most 128, `tpu_mlp.fits`); the portable form for wider
+    MLPs, and where the batch may be split over devices with no mesh in context (as `attention`)."""
+    if not tpu_mlp.fits(*w1.shape) or (jax.sharding.get_abstract_mesh().empty and jax.device_count() > 1):
+        return portable.mlp(x, w1, b1, w2, b2, dtype)
+    return tpu_mlp.mlp(x.astype(dtype), w1, b1, w2, b2)
 
 
 # Ratios whose upsample branch runs as a transposed conv. Measured for one ResTv2 block at 224 (7 x 7

@@ -10,16 +10,13 @@ the probabilities in the input dtype for the product with v.
 
 The batch axis is split over the devices of the mesh in context (`jax.set_mesh`, or the abstract mesh
 rest_jax's train and eval steps trace under): XLA's partitioner cannot split a Pallas call itself
-(`rest_jax.ops.tpu` runs the portable form where a batch may be split with no mesh in context). The
-kernels are compiled by Mosaic where the program is lowered for a TPU (a TPU-only `jax.export`
-artifact included, whatever host lowers it) and run in Pallas's interpreter on any other platform
-(the tests on a CPU).
+(`rest_jax.ops.tpu` runs the portable form where a batch may be split with no mesh in context). How the
+kernels are lowered (Mosaic on TPU, Pallas's interpreter elsewhere): `pallas_lowering`.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
+
+from rest_jax.ops import pallas_lowering
 
 _BLOCK_ELEMENTS = 1 << 18   # queries x max(channels, keys) per grid step: ~1 MB of float32 logits
 
@@ -107,22 +106,10 @@ def _specs(c, m, block):
     return queries, keys
 
 
-def _on_platform(kernel_call: Callable, *args):
-    """`kernel_call(*args, interpret=...)`: Mosaic's kernel in a program lowered for a TPU, Pallas's
-    interpreter in one lowered for any other platform (decided at lowering, not by the tracing host)."""
-    return lax.platform_dependent(*args, tpu=functools.partial(kernel_call, interpret=False),
-                                  default=functools.partial(kernel_call, interpret=True))
-
-
-def _cost(batch, **figures) -> pl.CostEstimate | None:
-    """The kernel's cost for XLA's estimates; none for a symbolic batch (a `jax.export` for any batch)."""
-    return pl.CostEstimate(**figures) if isinstance(batch, int) else None
-
-
 def _forward_call(q, k, v, *, heads, scale, block, interpret):
     (b, n, c), m = q.shape, k.shape[1]
     queries, keys = _specs(c, m, block)
-    cost = _cost(b, flops=4 * b * n * m * c, transcendentals=b * heads * n * m,
+    cost = pallas_lowering.cost(b, flops=4 * b * n * m * c, transcendentals=b * heads * n * m,
                  bytes_accessed=q.dtype.itemsize * (2 * b * n * c + 2 * b * m * c))
     return pl.pallas_call(
         functools.partial(_forward_kernel, heads=heads, scale=scale), grid=(b, n // block),
@@ -134,7 +121,7 @@ def _forward_call(q, k, v, *, heads, scale, block, interpret):
 def _backward_call(q, k, v, g, *, heads, scale, block, interpret):
     (b, n, c), m = q.shape, k.shape[1]
     queries, keys = _specs(c, m, block)
-    cost = _cost(b, flops=10 * b * n * m * c, transcendentals=b * heads * n * m,
+    cost = pallas_lowering.cost(b, flops=10 * b * n * m * c, transcendentals=b * heads * n * m,
                  bytes_accessed=q.dtype.itemsize * (3 * b * n * c + 2 * b * m * c) + 4 * 2 * b * m * c)
     summed = jax.ShapeDtypeStruct(k.shape, jnp.float32)   # dk, dv: float32 sums over the query blocks
     return pl.pallas_call(
@@ -146,7 +133,7 @@ def _backward_call(q, k, v, g, *, heads, scale, block, interpret):
 
 
 def _forward(q, k, v, heads, scale, block):
-    return _on_platform(functools.partial(_forward_call, heads=heads, scale=scale, block=block), q, k, v)
+    return pallas_lowering.on_platform(functools.partial(_forward_call, heads=heads, scale=scale, block=block), q, k, v)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -160,7 +147,7 @@ def _attention_fwd(q, k, v, heads, scale, block):
 
 def _attention_bwd(heads, scale, block, residuals, g):
     q, k, v = residuals
-    dq, dk, dv = _on_platform(functools.partial(_backward_call, heads=heads, scale=scale, block=block),
+    dq, dk, dv = pallas_lowering.on_platform(functools.partial(_backward_call, heads=heads, scale=scale, block=block),
                               q, k, v, g.astype(q.dtype))
     return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 
