@@ -185,6 +185,8 @@ def _gelu(h):
     return 0.5 * h * (1 + lax.erf(h * 0.7071067811865476))
 
 
+# --- the batch in the lanes: 128 images per device, or a multiple --------------------------------
+
 def _side_by_side(ref):
     """A (T, C, L) block as (C, T L): the tokens' tiles side by side in the lanes."""
     return jnp.concatenate([ref[t] for t in range(ref.shape[0])], axis=1)
