@@ -41,6 +41,8 @@ from rest_jax.ops import pallas_lowering, portable
 # 128 (ResT v1 stage 2, 28 x 28): 1.34 -> 1.32 ms; 128 (restv2_large stage 1): 4.84 -> 4.63 ms; but
 # 192: 2.53 -> 2.62 ms and 256: 2.57 -> 3.09 ms. Above 128 channels fc1 and fc2 are near the chip's ratio
 # of FLOPs to HBM bandwidth in XLA's own form, and the recomputed fc1 costs more than the bytes it saves.
+# 128 is the margin: restv2_large's whole step (v5p:2x2x2, 128 per chip) peaks 15.10 -> 13.67 GB with
+# 2 % fewer bytes, but XLA's estimate goes 68.75 -> 69.08 ms.
 _MAX_CHANNELS = 128
 _WEIGHT_ELEMENTS = 1 << 18   # C x F of fc1 (and fc2): 0.5 MB per bfloat16 matrix, 1 MB per float32 gradient
 _HIDDEN_ELEMENTS = 1 << 19   # F x tokens x lanes per grid step: 2 MB per float32 hidden block
