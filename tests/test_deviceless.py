@@ -88,7 +88,8 @@ def test_train_step_for_a_tpu_slice(fsdp2):
                      for row in rows if row['op'] == 'custom-call')
     assert kernels == sorted(f'{p}stage{i}_0 {k}{b}' for i in range(1, 5) for k in ('emsa_attention', 'mlp')
                              for p, b in [('', ''), ('bwd ', '_backward')]), kernels
-    assert [row for row in rows if row['op'] == 'copy' and '/mlp/' in row['source'] and row['shape'].count(',') >= 2] == []
+    copied = [row for row in rows if row['op'] == 'copy' and '/mlp/' in row['source'] and row['shape'].count(',') >= 2]
+    assert copied == []   # only the weights (2-D), cast to bfloat16 and transposed
     # The parameters, their EMA and the Adam moments are stored sharded: less state per chip.
     per_chip, whole = state_bytes(ct)
     assert per_chip < 0.75 * whole
@@ -111,7 +112,7 @@ def test_inference_over_several_chips_with_and_without_a_mesh_in_context(monkeyp
     model = rest_jax.create_model('restv2_tiny', **REDUCED, impl='tpu', dtype=jnp.bfloat16)
     variables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())),
                              jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
-    images = jax.ShapeDtypeStruct((4 * 128, 64, 64, 3), jnp.float32, sharding=NamedSharding(mesh, P('data')))
+    images = jax.ShapeDtypeStruct((4 * 8, 64, 64, 3), jnp.float32, sharding=NamedSharding(mesh, P('data')))
     with jax.set_mesh(mesh):
         text = jax.jit(model.apply).lower(variables, images).compile().as_text()
     kernels = sorted(row['source'].split('/')[0] + ' ' + row['source'].split('/')[-2]
