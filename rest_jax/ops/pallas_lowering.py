@@ -4,6 +4,11 @@ A kernel is compiled by Mosaic where the program is lowered for a TPU (a TPU-onl
 included, whatever host lowers it) and run by Pallas's interpreter on any other platform (the tests on
 a CPU): decided when the program is lowered, not by the host that traces it. Each kernel carries its
 FLOPs, transcendentals and bytes for XLA's cost model, which otherwise sees an opaque call.
+
+XLA's partitioner cannot split a Pallas call over devices (it would gather the whole batch onto
+every chip, and Mosaic refuses to be partitioned at all), so the kernels split the batch over the mesh
+in context themselves (`batch_axes`), and the ops take their portable forms where a batch may be split
+over devices with no mesh in context to split it by (`splittable`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import jax
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -25,3 +31,18 @@ def on_platform(kernel_call: Callable, *args):
 def cost(batch, **figures) -> pl.CostEstimate | None:
     """The kernel's cost for XLA's estimates; none for a symbolic batch (a `jax.export` for any batch)."""
     return pl.CostEstimate(**figures) if isinstance(batch, int) else None
+
+
+def splittable() -> bool:
+    """Whether a kernel can run here: a mesh is in context, or the program has a single device."""
+    return not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1
+
+
+def batch_axes(batch: int) -> tuple[str, ...] | None:
+    """The axes of the mesh in context to split a batch over by hand (`jax.shard_map`); none with no
+    mesh or one device, inside a shard_map (the arrays are local already), or for a batch they do not
+    divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes or batch % mesh.size:
+        return None
+    return tuple(mesh.axis_names)

@@ -114,8 +114,19 @@ def gelu(x: jax.Array) -> jax.Array:
     runs as a slow rational approximation); the cost is an absolute error of ~6e-8 in Phi's lower
     tail, the error PyTorch's own kernel has.
     """
-    xf = x.astype(jnp.float32)
-    return (0.5 * xf * (1 + lax.erf(xf * 0.7071067811865476))).astype(x.dtype)
+    return gelu_float32(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu_float32(x: jax.Array) -> jax.Array:
+    """`gelu`'s formula on float32 x (the TPU kernels apply it inside theirs)."""
+    return 0.5 * x * (1 + lax.erf(x * 0.7071067811865476))
+
+
+def gelu_slope(x: jax.Array) -> jax.Array:
+    """GELU's derivative Phi(x) + x phi(x) on float32 x."""
+    cdf = 0.5 + 0.5 * lax.erf(x * 0.7071067811865476)          # Phi(x)
+    pdf = jnp.exp(-0.5 * x * x) * 0.3989422804014327           # phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+    return cdf + x * pdf
 
 
 def _gelu_fwd(x):
@@ -123,10 +134,7 @@ def _gelu_fwd(x):
 
 
 def _gelu_bwd(x, g):
-    xf = x.astype(jnp.float32)
-    cdf = 0.5 + 0.5 * lax.erf(xf * 0.7071067811865476)         # Phi(x)
-    pdf = jnp.exp(-0.5 * xf * xf) * 0.3989422804014327         # phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
-    return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+    return ((g.astype(jnp.float32) * gelu_slope(x.astype(jnp.float32))).astype(x.dtype),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rest_jax.ops import portable, tpu_attention, tpu_mlp
+from rest_jax.ops import pallas_lowering, portable, tpu_attention, tpu_mlp
 from rest_jax.ops.portable import block_fence, conv, depthwise_conv, gelu, layer_norm, pa_fence, pixel_shuffle
 
 __all__ = ['attention', 'block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'mlp', 'pa_fence',
@@ -28,8 +28,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
     be split over devices with no mesh in context to split the kernels by (XLA's partitioner cannot
     split a Pallas call: a `jax.jit` over several chips outside `jax.set_mesh`)."""
     b, h, w, c = q.shape
-    mesh = jax.sharding.get_abstract_mesh()
-    if tpu_attention.query_block(h * w, c, k.shape[1]) is None or (mesh.empty and jax.device_count() > 1):
+    if tpu_attention.query_block(h * w, c, k.shape[1]) is None or not pallas_lowering.splittable():
         return portable.attention(q, k, v, heads, scale)
     return tpu_attention.attention(q.reshape(b, h * w, c), k, v, heads, scale).reshape(q.shape)
 
@@ -38,7 +37,7 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array
     """`portable.mlp`, differentiated, as Pallas kernels that keep the hidden activations in VMEM
     (`tpu_mlp`) where the channels are few (at most 128, `tpu_mlp.fits`); the portable form for wider
     MLPs, and where the batch may be split over devices with no mesh in context (as `attention`)."""
-    if not tpu_mlp.fits(*w1.shape) or (jax.sharding.get_abstract_mesh().empty and jax.device_count() > 1):
+    if not tpu_mlp.fits(*w1.shape) or not pallas_lowering.splittable():
         return portable.mlp(x, w1, b1, w2, b2, dtype)
     return tpu_mlp.mlp(x.astype(dtype), w1, b1, w2, b2)
 

@@ -53,11 +53,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
     block = query_block(n, c, k.shape[1])
     padded = -(-n // block) * block
     fn = functools.partial(_attention, heads=heads, scale=scale, block=block)
-    mesh = jax.sharding.get_abstract_mesh()
-    # Inside a shard_map (manual axes) the arrays are already local.
-    if not mesh.empty and mesh.size > 1 and b % mesh.size == 0 and not mesh.manual_axes:
-        batch = P(tuple(mesh.axis_names))
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=(batch,) * 3, out_specs=batch, check_vma=False)
+    axes = pallas_lowering.batch_axes(b)
+    if axes:
+        fn = jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(axes),) * 3, out_specs=P(axes),
+                           check_vma=False)
     if padded == n:
         return fn(q, k, v)
     return fn(jnp.pad(q, ((0, 0), (0, padded - n), (0, 0))), k, v)[:, :n]
@@ -110,7 +109,7 @@ def _forward_call(q, k, v, *, heads, scale, block, interpret):
     (b, n, c), m = q.shape, k.shape[1]
     queries, keys = _specs(c, m, block)
     cost = pallas_lowering.cost(b, flops=4 * b * n * m * c, transcendentals=b * heads * n * m,
-                 bytes_accessed=q.dtype.itemsize * (2 * b * n * c + 2 * b * m * c))
+                                bytes_accessed=q.dtype.itemsize * (2 * b * n * c + 2 * b * m * c))
     return pl.pallas_call(
         functools.partial(_forward_kernel, heads=heads, scale=scale), grid=(b, n // block),
         in_specs=[queries, keys, keys], out_specs=queries, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -122,7 +121,7 @@ def _backward_call(q, k, v, g, *, heads, scale, block, interpret):
     (b, n, c), m = q.shape, k.shape[1]
     queries, keys = _specs(c, m, block)
     cost = pallas_lowering.cost(b, flops=10 * b * n * m * c, transcendentals=b * heads * n * m,
-                 bytes_accessed=q.dtype.itemsize * (3 * b * n * c + 2 * b * m * c) + 4 * 2 * b * m * c)
+                                bytes_accessed=q.dtype.itemsize * (3 * b * n * c + 2 * b * m * c) + 4 * 2 * b * m * c)
     summed = jax.ShapeDtypeStruct(k.shape, jnp.float32)   # dk, dv: float32 sums over the query blocks
     return pl.pallas_call(
         functools.partial(_backward_kernel, heads=heads, scale=scale), grid=(b, n // block),
@@ -133,7 +132,8 @@ def _backward_call(q, k, v, g, *, heads, scale, block, interpret):
 
 
 def _forward(q, k, v, heads, scale, block):
-    return pallas_lowering.on_platform(functools.partial(_forward_call, heads=heads, scale=scale, block=block), q, k, v)
+    return pallas_lowering.on_platform(functools.partial(_forward_call, heads=heads, scale=scale, block=block),
+                                       q, k, v)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -147,8 +147,8 @@ def _attention_fwd(q, k, v, heads, scale, block):
 
 def _attention_bwd(heads, scale, block, residuals, g):
     q, k, v = residuals
-    dq, dk, dv = pallas_lowering.on_platform(functools.partial(_backward_call, heads=heads, scale=scale, block=block),
-                              q, k, v, g.astype(q.dtype))
+    dq, dk, dv = pallas_lowering.on_platform(
+        functools.partial(_backward_call, heads=heads, scale=scale, block=block), q, k, v, g.astype(q.dtype))
     return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 
 

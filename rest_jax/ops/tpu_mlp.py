@@ -35,6 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from rest_jax.ops import pallas_lowering, portable
+from rest_jax.ops.portable import gelu_float32, gelu_slope
 
 # Widths whose MLP runs as the kernels. One block's training step, 128 images per chip on v5p:2x2x1,
 # XLA's estimate, portable MLP -> kernels: C = 64 (ResT v1 stage 1): 2.10 -> 1.74 ms; 96: 3.55 -> 3.22 ms;
@@ -98,7 +99,7 @@ def _mlp(x, w1, b1, w2, b2):
 
 
 def _mlp_fwd(x, w1, b1, w2, b2):
-    fn, axes = _forward_local, _batch_axes(x.shape[0])
+    fn, axes = _forward_local, pallas_lowering.batch_axes(x.shape[0])
     if axes:
         fn = jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(axes), P(), P(), P(), P()),
                            out_specs=P(axes), check_vma=False)
@@ -107,7 +108,7 @@ def _mlp_fwd(x, w1, b1, w2, b2):
 
 def _mlp_bwd(residuals, g):
     x, w1, b1, w2 = residuals
-    axes = _batch_axes(x.shape[0])
+    axes = pallas_lowering.batch_axes(x.shape[0])
     fn = functools.partial(_backward_local, axes=axes)
     if axes:
         fn = jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(axes), P(axes), P(), P(), P()),
@@ -116,15 +117,6 @@ def _mlp_bwd(residuals, g):
 
 
 _mlp.defvjp(_mlp_fwd, _mlp_bwd)
-
-
-def _batch_axes(batch: int) -> tuple[str, ...] | None:
-    """The axes of the mesh in context to split the batch over by hand (a Pallas call is opaque to
-    XLA's partitioner); none with no mesh, inside a shard_map, or for a batch they do not divide."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or mesh.manual_axes or batch % mesh.size:
-        return None
-    return tuple(mesh.axis_names)
 
 
 def _tokens(x, t):
@@ -141,50 +133,56 @@ def _images(tokens, shape):
     return jnp.transpose(tokens[:n], (2, 0, 1)).reshape(shape)
 
 
-def _step(x, w1):
-    return tokens_per_step(w1.shape[1], int(np.prod(x.shape[1:-1])))
-
-
 def _rows(x, block):
     """x (B, ..., C) as rows (B N, C), padded with zero rows to whole grid steps (as `_tokens`)."""
     rows = x.reshape(-1, x.shape[-1])
     return jnp.pad(rows, ((0, -rows.shape[0] % (_SPLIT * block)), (0, 0)))
 
 
+def _in_lanes(x) -> bool:
+    """Whether x's batch fills the lanes (XLA's batch-minor layout), else rows of C."""
+    return x.shape[0] % _LANES == 0
+
+
+def _step(x, w1) -> int:
+    """Tokens (batch in the lanes) or rows per grid step for x."""
+    tokens = int(np.prod(x.shape[1:-1]))
+    f = w1.shape[1]
+    return tokens_per_step(f, tokens) if _in_lanes(x) else rows_per_step(f, tokens * x.shape[0])
+
+
 def _forward_local(x, w1, b1, w2, b2):
-    if x.shape[0] % _LANES:
-        block = rows_per_step(w1.shape[1], x.size // x.shape[-1])
-        out = pallas_lowering.on_platform(functools.partial(_rows_forward_call, block=block), _rows(x, block), w1,
-                                          b1.reshape(1, -1), w2, b2.reshape(1, -1))
-        return out[:x.size // x.shape[-1]].reshape(x.shape)
-    t = _step(x, w1)
-    out = pallas_lowering.on_platform(functools.partial(_forward_call, t=t), _tokens(x, t), w1.T,
-                                      b1.reshape(-1, 1), w2.T, b2.reshape(-1, 1))
-    return _images(out, x.shape)
+    step = _step(x, w1)
+    if _in_lanes(x):
+        out = pallas_lowering.on_platform(functools.partial(_forward_call, t=step), _tokens(x, step), w1.T,
+                                          b1.reshape(-1, 1), w2.T, b2.reshape(-1, 1))
+        return _images(out, x.shape)
+    out = pallas_lowering.on_platform(functools.partial(_rows_forward_call, block=step), _rows(x, step), w1,
+                                      b1.reshape(1, -1), w2, b2.reshape(1, -1))
+    return out[:x.size // x.shape[-1]].reshape(x.shape)
 
 
 def _backward_local(x, g, w1, b1, w2, axes):
-    if x.shape[0] % _LANES:
-        block = rows_per_step(w1.shape[1], x.size // x.shape[-1])
-        dx, dw1, db1, dw2, db2 = pallas_lowering.on_platform(
-            functools.partial(_rows_backward_call, block=block), _rows(x, block), _rows(g, block), w1,
-            b1.reshape(1, -1), w2)
-        dx = dx[:x.size // x.shape[-1]].reshape(x.shape)
-        sums = (dw1.sum(0), db1.sum(0)[0], dw2.sum(0), db2.sum(0)[0])
+    step = _step(x, w1)
+    if _in_lanes(x):
+        dx, dw1, db1, dw2t, db2 = pallas_lowering.on_platform(
+            functools.partial(_backward_call, t=step), _tokens(x, step), _tokens(g, step), w1.T,
+            b1.reshape(-1, 1), w2, w1)
+        dx, sums = _images(dx, x.shape), (dw1, db1[..., 0], jnp.swapaxes(dw2t, 1, 2), db2[..., 0])
     else:
-        t = _step(x, w1)
-        dx, dw1, db1, dw2t, db2 = pallas_lowering.on_platform(functools.partial(_backward_call, t=t),
-                                                              _tokens(x, t), _tokens(g, t), w1.T,
-                                                              b1.reshape(-1, 1), w2, w1)
-        dx = _images(dx, x.shape)
-        sums = (dw1.sum(0), db1.sum(0)[:, 0], dw2t.sum(0).T, db2.sum(0)[:, 0])   # float32, over the grid's halves
+        dx, dw1, db1, dw2, db2 = pallas_lowering.on_platform(
+            functools.partial(_rows_backward_call, block=step), _rows(x, step), _rows(g, step), w1,
+            b1.reshape(1, -1), w2)
+        dx, sums = dx[:x.size // x.shape[-1]].reshape(x.shape), (dw1, db1[:, 0], dw2, db2[:, 0])
+    sums = tuple(s.sum(0) for s in sums)            # float32, over the grid's halves
     if axes:
-        sums = jax.lax.psum(sums, axes)                                          # and over the devices
+        sums = lax.psum(sums, axes)                 # and over the devices
     return (dx, *(s.astype(w1.dtype) for s in sums))
 
 
-def _gelu(h):
-    return 0.5 * h * (1 + lax.erf(h * 0.7071067811865476))
+def _rounded(h, dtype):
+    """fc1's float32 output rounded to the input dtype, as Flax's Dense gives it, in float32 again."""
+    return h.astype(dtype).astype(jnp.float32)
 
 
 # --- the batch in the lanes: 128 images per device, or a multiple --------------------------------
@@ -201,13 +199,12 @@ def _store(ref, value):
 
 
 def _hidden(w1t, x, b1):
-    """fc1's output (F, T L), rounded to the input dtype as Flax's Dense gives it, in float32."""
-    h = jnp.dot(w1t, x, preferred_element_type=jnp.float32) + b1.astype(jnp.float32)
-    return h.astype(x.dtype).astype(jnp.float32)
+    """fc1's output (F, T L), rounded (`_rounded`)."""
+    return _rounded(jnp.dot(w1t, x, preferred_element_type=jnp.float32) + b1.astype(jnp.float32), x.dtype)
 
 
 def _forward_kernel(x_ref, w1t_ref, b1_ref, w2t_ref, b2_ref, o_ref):
-    a = _gelu(_hidden(w1t_ref[...], _side_by_side(x_ref), b1_ref[...])).astype(o_ref.dtype)
+    a = gelu_float32(_hidden(w1t_ref[...], _side_by_side(x_ref), b1_ref[...])).astype(o_ref.dtype)
     _store(o_ref, jnp.dot(w2t_ref[...], a, preferred_element_type=jnp.float32) + b2_ref[...].astype(jnp.float32))
 
 
@@ -219,12 +216,10 @@ def _backward_kernel(x_ref, g_ref, w1t_ref, b1_ref, w2_ref, w1_ref, dx_ref, dw1_
 
     x, g = _side_by_side(x_ref), _side_by_side(g_ref)
     h = _hidden(w1t_ref[...], x, b1_ref[...])
-    dw2t_ref[0] += lax.dot_general(g, _gelu(h).astype(g.dtype), _over_lanes, preferred_element_type=jnp.float32)
+    dw2t_ref[0] += lax.dot_general(g, gelu_float32(h).astype(g.dtype), _over_lanes, preferred_element_type=jnp.float32)
     db2_ref[0] += jnp.sum(g.astype(jnp.float32), axis=1, keepdims=True)
     da = jnp.dot(w2_ref[...], g, preferred_element_type=jnp.float32).astype(g.dtype)
-    cdf = 0.5 + 0.5 * lax.erf(h * 0.7071067811865476)
-    pdf = jnp.exp(-0.5 * h * h) * 0.3989422804014327
-    dh = (da.astype(jnp.float32) * (cdf + h * pdf)).astype(x.dtype)
+    dh = (da.astype(jnp.float32) * gelu_slope(h)).astype(x.dtype)
     dw1_ref[0] += lax.dot_general(x, dh, _over_lanes, preferred_element_type=jnp.float32)
     db1_ref[0] += jnp.sum(dh.astype(jnp.float32), axis=1, keepdims=True)
     _store(dx_ref, jnp.dot(w1_ref[...], dh, preferred_element_type=jnp.float32))
@@ -238,7 +233,7 @@ def _forward_call(x, w1t, b1, w2t, b2, *, t, interpret):
     (n, c, b), f = x.shape, w1t.shape[0]
     tokens = pl.BlockSpec((t, c, _LANES), lambda i, j: (i, 0, j))
     cost = pallas_lowering.cost(b, flops=4 * n * b * c * f, transcendentals=n * b * f,
-                 bytes_accessed=x.dtype.itemsize * (2 * n * b * c + 2 * c * f + c + f))
+                                bytes_accessed=x.dtype.itemsize * (2 * n * b * c + 2 * c * f + c + f))
     return pl.pallas_call(
         _forward_kernel, grid=(n // t, b // _LANES), in_specs=[tokens] + [_whole(a) for a in (w1t, b1, w2t, b2)],
         out_specs=tokens, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -253,7 +248,8 @@ def _backward_call(x, g, w1t, b1, w2, w1, *, t, interpret):
     partial = lambda *s: pl.BlockSpec((1, *s), lambda i, j, k: (i, 0, 0))   # noqa: E731
     sums = [jax.ShapeDtypeStruct((_SPLIT, *s), jnp.float32) for s in ((c, f), (f, 1), (c, f), (c, 1))]
     cost = pallas_lowering.cost(b, flops=10 * n * b * c * f, transcendentals=2 * n * b * f,
-                 bytes_accessed=x.dtype.itemsize * (3 * n * b * c + 3 * c * f + f) + 4 * _SPLIT * (2 * c * f + c + f))
+                                bytes_accessed=x.dtype.itemsize * (3 * n * b * c + 3 * c * f + f)
+                                + 4 * _SPLIT * (2 * c * f + c + f))
     return pl.pallas_call(
         _backward_kernel, grid=(_SPLIT, steps, b // _LANES),
         in_specs=[tokens, tokens] + [_whole(a) for a in (w1t, b1, w2, w1)],
@@ -273,8 +269,9 @@ _over_rows = (((0,), (0,)), ((), ()))
 
 
 def _rows_forward_kernel(x_ref, w1_ref, b1_ref, w2_ref, b2_ref, o_ref):
-    h = jnp.dot(x_ref[...], w1_ref[...], preferred_element_type=jnp.float32) + b1_ref[...].astype(jnp.float32)
-    a = _gelu(h.astype(x_ref.dtype).astype(jnp.float32)).astype(o_ref.dtype)
+    h = _rounded(jnp.dot(x_ref[...], w1_ref[...], preferred_element_type=jnp.float32)
+                 + b1_ref[...].astype(jnp.float32), x_ref.dtype)
+    a = gelu_float32(h).astype(o_ref.dtype)
     o_ref[...] = (jnp.dot(a, w2_ref[...], preferred_element_type=jnp.float32)
                   + b2_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
 
@@ -286,14 +283,11 @@ def _rows_backward_kernel(x_ref, g_ref, w1_ref, b1_ref, w2_ref, dx_ref, dw1_ref,
             ref[...] = jnp.zeros_like(ref)
 
     x, g, w1 = x_ref[...], g_ref[...], w1_ref[...]
-    h = jnp.dot(x, w1, preferred_element_type=jnp.float32) + b1_ref[...].astype(jnp.float32)
-    h = h.astype(x.dtype).astype(jnp.float32)
-    dw2_ref[0] += lax.dot_general(_gelu(h).astype(g.dtype), g, _over_rows, preferred_element_type=jnp.float32)
+    h = _rounded(jnp.dot(x, w1, preferred_element_type=jnp.float32) + b1_ref[...].astype(jnp.float32), x.dtype)
+    dw2_ref[0] += lax.dot_general(gelu_float32(h).astype(g.dtype), g, _over_rows, preferred_element_type=jnp.float32)
     db2_ref[0] += jnp.sum(g.astype(jnp.float32), axis=0, keepdims=True)
     da = lax.dot_general(g, w2_ref[...], _over_lanes, preferred_element_type=jnp.float32).astype(g.dtype)
-    cdf = 0.5 + 0.5 * lax.erf(h * 0.7071067811865476)
-    pdf = jnp.exp(-0.5 * h * h) * 0.3989422804014327
-    dh = (da.astype(jnp.float32) * (cdf + h * pdf)).astype(x.dtype)
+    dh = (da.astype(jnp.float32) * gelu_slope(h)).astype(x.dtype)
     dw1_ref[0] += lax.dot_general(x, dh, _over_rows, preferred_element_type=jnp.float32)
     db1_ref[0] += jnp.sum(dh.astype(jnp.float32), axis=0, keepdims=True)
     dx_ref[...] = lax.dot_general(dh, w1, _over_lanes, preferred_element_type=jnp.float32).astype(dx_ref.dtype)
