@@ -14,7 +14,7 @@ estimates, not measurements; ~10 minutes on a 2-core host. The figures behind
 rest_jax.ops.tpu.TRANSPOSED_RATIOS (docs/tpu.md). With --attention: the TPU forms with the portable
 attention and with the attention kernels (rest_jax.ops.tpu_attention). With --mlp: the TPU forms with
 the portable MLP and with the MLP kernels (rest_jax.ops.tpu_mlp), for the first two stages' blocks of
-restv2_tiny, restv2_large and rest_lite (the figures behind tpu_mlp._MAX_CHANNELS).
+restv2_tiny, restv2_large and rest_lite, and the second of rest_base (the figures behind tpu_mlp.fits).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ STAGES = {1: (96, 1, 8, 56), 2: (192, 2, 4, 28), 3: (384, 4, 2, 14), 4: (768, 8,
 # The blocks of --mlp: (ResT version, width, heads, ratio, side).
 MLP_BLOCKS = {'restv2_tiny stage 1': (2, 96, 1, 8, 56), 'restv2_tiny stage 2': (2, 192, 2, 4, 28),
               'restv2_large stage 1': (2, 128, 2, 8, 56), 'restv2_large stage 2': (2, 256, 4, 4, 28),
-              'rest_lite stage 1': (1, 64, 1, 8, 56), 'rest_lite stage 2': (1, 128, 2, 4, 28)}
+              'rest_lite stage 1': (1, 64, 1, 8, 56), 'rest_lite stage 2': (1, 128, 2, 4, 28),
+              'rest_base stage 2': (1, 192, 2, 4, 28)}
 
 
 def _autodiff_transposed(x, kernel, bias, ratio):
@@ -96,9 +97,12 @@ def main() -> None:
     print(f'one block, training step, {args.batch_per_chip} per chip on {args.target} '
           f'({len(devices)} chips), bfloat16; XLA per chip (compiler estimates)')
     if args.mlp:
-        # the MLP kernels for every width (the rule in tpu_mlp.fits lifted), against the portable MLP
-        kernels = lambda x, w1, b1, w2, b2, dtype: tpu_mlp.mlp(x.astype(dtype), w1, b1, w2, b2)  # noqa: E731
-        forms = {'portable MLP': dict(mlp=portable.mlp), 'MLP kernels': dict(mlp=kernels)}
+        # the MLP kernels for every width (the rule in tpu_mlp.fits lifted), with the LayerNorm before
+        # them apart (XLA's) or inside, against the portable MLP
+        def apart(x, w1, b1, w2, b2, dtype, norm=None):
+            return tpu_mlp.mlp(x if norm is None else portable.layer_norm(x, *norm, dtype), w1, b1, w2, b2, dtype)
+        forms = {'portable MLP': dict(mlp=portable.mlp), 'MLP kernels, norm apart': dict(mlp=apart),
+                 'MLP kernels, norm inside': dict(mlp=tpu_mlp.mlp)}
     elif args.attention:
         forms = {'portable attention': dict(attention=portable.attention), 'attention kernels': dict(attention=tpu.attention)}
     else:

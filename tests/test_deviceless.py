@@ -81,15 +81,16 @@ def test_train_step_for_a_tpu_slice(fsdp2):
     assert layers and gathered == layers, (gathered, layers)
     # The attention and the MLP (at most 128 channels: every stage of this model) of every block run as
     # the Pallas kernels, forward and backward, on each chip's own images (split by hand: XLA would
-    # gather a custom call's whole batch, which the check above excludes); the MLP kernels read XLA's
-    # batch-minor layout as it is, with no copy of an activation around them.
+    # gather a custom call's whole batch, which the check above excludes); the MLP kernels (with norm2
+    # inside) read XLA's batch-minor layout as it is: no op on an activation around them, copy or other.
     rows = hlo_stats.op_bytes(ct.compiled.as_text())
     kernels = sorted(row['source'].split('/')[0] + ' ' + row['source'].split('/')[-2]
                      for row in rows if row['op'] == 'custom-call')
     assert kernels == sorted(f'{p}stage{i}_0 {k}{b}' for i in range(1, 5) for k in ('emsa_attention', 'mlp')
                              for p, b in [('', ''), ('bwd ', '_backward')]), kernels
-    copied = [row for row in rows if row['op'] == 'copy' and '/mlp/' in row['source'] and row['shape'].count(',') >= 2]
-    assert copied == []   # only the weights (2-D), cast to bfloat16 and transposed
+    around = [row for row in rows if row['op'] != 'custom-call' and ('/mlp/' in row['source'] or '/norm2' in row['source'])
+              and row['shape'].count(',') >= 2]
+    assert around == [], around   # only the weights (2-D), cast to bfloat16 and transposed
     # The parameters, their EMA and the Adam moments are stored sharded: less state per chip.
     per_chip, whole = state_bytes(ct)
     assert per_chip < 0.75 * whole
@@ -126,9 +127,10 @@ def test_inference_over_several_chips_with_and_without_a_mesh_in_context(monkeyp
 
 @needs_libtpu
 def test_mlp_kernels_compile_for_tpu_in_both_layouts():
-    """The MLP's gradient over four chips under `jax.set_mesh`: Mosaic compiles both kernels for the
-    batch in the lanes (128 images per chip) and for rows of channels (8 per chip); the weight
-    gradients are summed over the chips, and nothing else crosses between them."""
+    """The MLP's gradient over four chips under `jax.set_mesh`: Mosaic compiles both kernels, with the
+    LayerNorm inside, for the batch in the lanes (128 images per chip) and for rows of channels (8 per
+    chip), and without it; the weight gradients are summed over the chips, and nothing else crosses
+    between them."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import jax.numpy as jnp
     from rest_jax.ops import tpu
@@ -139,14 +141,15 @@ def test_mlp_kernels_compile_for_tpu_in_both_layouts():
     b1, b2 = jax.ShapeDtypeStruct((128,), jnp.float32, sharding=replicated), jax.ShapeDtypeStruct(
         (32,), jnp.float32, sharding=replicated)
 
-    def loss(x, *weights):
-        return jnp.sum(tpu.mlp(x, *weights, jnp.bfloat16).astype(jnp.float32) ** 2)
-    for per_chip in (128, 8):
+    def loss(x, w1, b1, w2, b2, *norm):
+        return jnp.sum(tpu.mlp(x, w1, b1, w2, b2, jnp.bfloat16, (*norm, 1e-6) if norm else None).astype(jnp.float32) ** 2)
+    for per_chip, norm in [(128, (b2, b2)), (8, (b2, b2)), (128, ())]:
         x = jax.ShapeDtypeStruct((4 * per_chip, 8, 8, 32), jnp.bfloat16, sharding=NamedSharding(mesh, P('data')))
+        args = (x, w1, b1, w2, b2, *norm)
         with jax.set_mesh(mesh):
-            text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(x, w1, b1, w2, b2).compile().as_text()
+            text = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))).lower(*args).compile().as_text()
         kernels = sorted(row['source'].split('/')[-2] for row in hlo_stats.op_bytes(text) if row['op'] == 'custom-call')
-        assert kernels == ['mlp', 'mlp_backward'], (per_chip, kernels)
+        assert kernels == ['mlp', 'mlp_backward'], (per_chip, norm, kernels)
         assert set(hlo_stats.collectives(text)) == {'all-reduce'}
 
 

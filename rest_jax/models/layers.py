@@ -110,6 +110,15 @@ class LayerNorm(nn.Module):
         return ops.layer_norm(x, scale, bias, self.epsilon, self.dtype)
 
 
+class LayerNormParams(nn.Module):
+    """The parameters of `LayerNorm` ('scale', 'bias'), for an op that applies the norm itself."""
+
+    @nn.compact
+    def __call__(self, features: int) -> tuple[jax.Array, jax.Array]:
+        return (self.param('scale', nn.initializers.ones, (features,)),
+                self.param('bias', nn.initializers.zeros, (features,)))
+
+
 class BatchNorm(nn.Module):
     """`torch.nn.BatchNorm2d` over the last axis, exactly.
 
@@ -169,16 +178,19 @@ class LinearParams(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact GELU -> fc2 (PyTorch's nn.GELU() is the erf form; Flax defaults to tanh)."""
+    """fc1 -> exact GELU -> fc2 (PyTorch's nn.GELU() is the erf form; Flax defaults to tanh).
+
+    `norm` (a `LayerNormParams`' scale and bias, and eps): the MLP on that LayerNorm of x, as one op
+    (a pre-norm block's `mlp(norm2(x))`, which a kernel form may fuse)."""
     hidden_features: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, norm: tuple | None = None) -> jax.Array:
         c = x.shape[-1]
         w1, b1 = LinearParams(self.hidden_features, name='fc1')(c)
         w2, b2 = LinearParams(c, name='fc2')(self.hidden_features)
-        return ops.mlp(x, w1, b1, w2, b2, self.dtype)
+        return ops.mlp(x, w1, b1, w2, b2, self.dtype, norm)
 
 
 def stochastic_depth_rates(rate: float, depths) -> list[float]:

@@ -94,8 +94,8 @@ class Block(nn.Module):
         y = Attention(self.num_heads, self.qkv_bias, self.qk_scale, self.sr_ratio, self.apply_transform,
                       dtype=self.dtype, name='attn')(y)
         x = x + drop(y, deterministic=not train)
-        y = layers.LayerNorm(LN_EPS, self.dtype, name='norm2')(x)
-        y = layers.Mlp(int(c * self.mlp_ratio), dtype=self.dtype, name='mlp')(y)
+        norm2 = layers.LayerNormParams(name='norm2')(c)
+        y = layers.Mlp(int(c * self.mlp_ratio), dtype=self.dtype, name='mlp')(x, norm=(*norm2, LN_EPS))
         return x + drop(y, deterministic=not train)
 
 

@@ -66,8 +66,8 @@ class Block(nn.Module):
         y = layers.LayerNorm(LN_EPS, self.dtype, name='norm1')(x)
         y = Attention(self.num_heads, self.sr_ratio, self.dtype, name='attn')(y)
         x = x + drop(y, deterministic=not train)
-        y = layers.LayerNorm(LN_EPS, self.dtype, name='norm2')(x)
-        y = layers.Mlp(4 * x.shape[-1], dtype=self.dtype, name='mlp')(y)
+        norm2 = layers.LayerNormParams(name='norm2')(x.shape[-1])
+        y = layers.Mlp(4 * x.shape[-1], dtype=self.dtype, name='mlp')(x, norm=(*norm2, LN_EPS))
         return x + drop(y, deterministic=not train)
 
 

@@ -50,9 +50,12 @@ def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> ja
     return _forms().upsample(x, kernel, bias, ratio)
 
 
-def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, dtype) -> jax.Array:
-    """fc1 (w1 (C, F), b1), exact GELU, fc2 (w2 (F, C), b2) over x's last axis, computed in `dtype`."""
-    return _forms().mlp(x, w1, b1, w2, b2, dtype)
+def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, dtype,
+        norm: tuple | None = None) -> jax.Array:
+    """fc1 (w1 (C, F), b1), exact GELU, fc2 (w2 (F, C), b2) over x's last axis, computed in `dtype`; with
+    `norm` (scale, bias, eps), on `layer_norm(x, scale, bias, eps, dtype)` (one op, so that a form can
+    fuse the norm into the MLP)."""
+    return _forms().mlp(x, w1, b1, w2, b2, dtype, norm)
 
 
 def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:

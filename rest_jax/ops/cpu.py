@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rest_jax.ops import cpu_isa, cpu_tune, portable
-from rest_jax.ops.portable import attention, conv_output_size, gelu, mlp, pixel_shuffle
+from rest_jax.ops.portable import attention, conv_output_size, gelu, pixel_shuffle
 
 __all__ = ['attention', 'block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'mlp', 'pa_fence',
            'pixel_shuffle', 'upsample']
@@ -353,7 +353,7 @@ def _shuffled_depthwise_bwd(residuals, g):
 _shuffled_depthwise.defvjp(_shuffled_depthwise_fwd, _shuffled_depthwise_bwd)
 
 
-# --- LayerNorm ------------------------------------------------------------------------------------
+# --- LayerNorm, and the MLP after it --------------------------------------------------------------
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype) -> jax.Array:
     """`portable.layer_norm` in float32 with a hand-written gradient (see `_layer_norm_f32`)."""
@@ -403,6 +403,12 @@ def _layer_norm_f32_bwd(eps, residuals, g):
 
 
 _layer_norm_f32.defvjp(_layer_norm_f32_fwd, _layer_norm_f32_bwd)
+
+
+def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, dtype,
+        norm: tuple | None = None) -> jax.Array:
+    """`portable.mlp`, its norm as `layer_norm` above."""
+    return portable.mlp(x if norm is None else layer_norm(x, *norm, dtype), w1, b1, w2, b2, dtype)
 
 
 # --- fences: identities that shape XLA:CPU's fusions ------------------------------------------------

@@ -46,3 +46,8 @@ def batch_axes(batch: int) -> tuple[str, ...] | None:
     if mesh.empty or mesh.size == 1 or mesh.manual_axes or batch % mesh.size:
         return None
     return tuple(mesh.axis_names)
+
+
+def local_batch(batch: int) -> int:
+    """The batch one kernel call sees: a share of the mesh in context where `batch_axes` splits it."""
+    return batch // jax.sharding.get_abstract_mesh().size if batch_axes(batch) else batch

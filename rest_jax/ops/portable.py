@@ -79,9 +79,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
     return jnp.einsum('bhnm,bmhd->bnhd', probs, v.reshape(b, m, heads, hd)).reshape(b, h, w, c)
 
 
-def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, dtype) -> jax.Array:
+def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, dtype,
+        norm: tuple | None = None) -> jax.Array:
     """fc1 (w1 (C, F), b1), exact GELU, fc2 (w2 (F, C), b2) over the last axis of x, in `dtype`: Flax's
-    Dense arithmetic (operands cast to `dtype`, the product then the bias) and `gelu`."""
+    Dense arithmetic (operands cast to `dtype`, the product then the bias) and `gelu`. With `norm`
+    (scale, bias, eps), on `layer_norm(x, scale, bias, eps, dtype)` (a pre-norm block's second half)."""
+    if norm is not None:
+        x = layer_norm(x, *norm, dtype)
     x, w1, b1, w2, b2 = (a.astype(dtype) for a in (x, w1, b1, w2, b2))
     with jax.named_scope('fc1'):
         h = lax.dot_general(x, w1, (((x.ndim - 1,), (0,)), ((), ()))) + b1

@@ -33,13 +33,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
     return tpu_attention.attention(q.reshape(b, h * w, c), k, v, heads, scale).reshape(q.shape)
 
 
-def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, dtype) -> jax.Array:
-    """`portable.mlp`, differentiated, as Pallas kernels that keep the hidden activations in VMEM
-    (`tpu_mlp`) where the channels are few (at most 128, `tpu_mlp.fits`); the portable form for wider
-    MLPs, and where the batch may be split over devices with no mesh in context (as `attention`)."""
-    if not tpu_mlp.fits(*w1.shape) or not pallas_lowering.splittable():
-        return portable.mlp(x, w1, b1, w2, b2, dtype)
-    return tpu_mlp.mlp(x.astype(dtype), w1, b1, w2, b2)
+def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, dtype,
+        norm: tuple | None = None) -> jax.Array:
+    """`portable.mlp`, differentiated, as Pallas kernels that keep the norm's output and the hidden
+    activations in VMEM (`tpu_mlp`) where the channels are few (at most 128, or 192 with the norm and
+    128 images per device: `tpu_mlp.fits`); the portable form for wider MLPs, and where the batch may
+    be split over devices with no mesh in context (as `attention`)."""
+    if (not pallas_lowering.splittable()
+            or not tpu_mlp.fits(*w1.shape, pallas_lowering.local_batch(x.shape[0]), norm is not None)):
+        return portable.mlp(x, w1, b1, w2, b2, dtype, norm)
+    return tpu_mlp.mlp(x, w1, b1, w2, b2, dtype, norm)
 
 
 # Ratios whose upsample branch runs as a transposed conv. Measured for one ResTv2 block at 224 (7 x 7
