@@ -137,3 +137,12 @@ def test_command_line_entry_point(artifact):
         result = subprocess.run([sys.executable, '-m', *module, '--help'], cwd=REPO, capture_output=True,
                                 text=True, timeout=120)
         assert result.returncode == 0 and '--platforms' in result.stdout, result.stderr
+
+
+def test_tpu_artifact_for_any_batch(converted):
+    """A TPU-only artifact with a symbolic batch lowers on this CPU host with the TPU forms (the rules
+    that pick a kernel form by the batch accept a batch of unknown size)."""
+    model, variables = rest_jax.load_pretrained(converted)
+    exported = export.export_model(model, variables, input_size=64, batch_size=None, platforms='tpu')
+    assert exported.platforms == ('tpu',) and str(exported.in_avals[0].shape[0]) == 'batch'
+    assert 'tpu_custom_call' in exported.mlir_module()   # the attention kernels, lowered for Mosaic

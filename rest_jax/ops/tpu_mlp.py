@@ -64,8 +64,14 @@ _over_lanes = (((1,), (1,)), ((), ()))
 def fits(c: int, f: int, batch: int, norm: bool) -> bool:
     """Whether an MLP of C inputs and F hidden units, with the LayerNorm inside or not, runs as the
     kernels on `batch` images per kernel call (`pallas_lowering.local_batch`)."""
-    lanes = batch % _LANES == 0
-    return c <= (_MAX_CHANNELS_IN_LANES if lanes and norm else _MAX_CHANNELS) and c * f <= _WEIGHT_ELEMENTS
+    limit = _MAX_CHANNELS_IN_LANES if _fills_lanes(batch) and norm else _MAX_CHANNELS
+    return c <= limit and c * f <= _WEIGHT_ELEMENTS
+
+
+def _fills_lanes(batch) -> bool:
+    """Whether a batch fills the lanes (XLA's batch-minor layout), else rows of C; a symbolic batch (a
+    `jax.export` for any batch) does not."""
+    return isinstance(batch, int) and batch % _LANES == 0
 
 
 def rows_per_step(f: int, r: int) -> int:
@@ -154,8 +160,7 @@ def _rows(x, block):
 
 
 def _in_lanes(x) -> bool:
-    """Whether x's batch fills the lanes (XLA's batch-minor layout), else rows of C."""
-    return x.shape[0] % _LANES == 0
+    return _fills_lanes(x.shape[0])
 
 
 def _step(x, w1) -> int:
