@@ -104,9 +104,7 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        scale = self.param('scale', nn.initializers.ones, (c,))
-        bias = self.param('bias', nn.initializers.zeros, (c,))
+        scale, bias = _layer_norm_params(self, x.shape[-1])
         return ops.layer_norm(x, scale, bias, self.epsilon, self.dtype)
 
 
@@ -115,8 +113,12 @@ class LayerNormParams(nn.Module):
 
     @nn.compact
     def __call__(self, features: int) -> tuple[jax.Array, jax.Array]:
-        return (self.param('scale', nn.initializers.ones, (features,)),
-                self.param('bias', nn.initializers.zeros, (features,)))
+        return _layer_norm_params(self, features)
+
+
+def _layer_norm_params(module: nn.Module, features: int) -> tuple[jax.Array, jax.Array]:
+    return (module.param('scale', nn.initializers.ones, (features,)),
+            module.param('bias', nn.initializers.zeros, (features,)))
 
 
 class BatchNorm(nn.Module):

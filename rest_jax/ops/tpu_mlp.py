@@ -178,29 +178,30 @@ def _norm_operands(norm, lanes):
 def _forward_local(x, weights, norm, eps):
     w1, b1, w2, b2 = weights
     step, lanes = _step(x, w1), _in_lanes(x)
-    norm = _norm_operands(norm, lanes)
+    operands = _norm_operands(norm, lanes)
     if lanes:
         out = pallas_lowering.on_platform(functools.partial(_forward_call, t=step, eps=eps), _tokens(x, step),
-                                          w1.T, b1.reshape(-1, 1), w2.T, b2.reshape(-1, 1), *norm)
+                                          w1.T, b1.reshape(-1, 1), w2.T, b2.reshape(-1, 1), *operands)
         return _images(out, x.shape)
     out = pallas_lowering.on_platform(functools.partial(_rows_forward_call, block=step, eps=eps), _rows(x, step),
-                                      w1, b1.reshape(1, -1), w2, b2.reshape(1, -1), *norm)
+                                      w1, b1.reshape(1, -1), w2, b2.reshape(1, -1), *operands)
     return out[:x.size // x.shape[-1]].reshape(x.shape)
 
 
 def _backward_local(x, g, weights, norm, eps, axes):
     w1, b1, w2, _ = weights
     step, lanes = _step(x, w1), _in_lanes(x)
+    operands = _norm_operands(norm, lanes)
     if lanes:
         dx, *sums = pallas_lowering.on_platform(
             functools.partial(_backward_call, t=step, eps=eps), _tokens(x, step), _tokens(g, step), w1.T,
-            b1.reshape(-1, 1), w2, w1, *_norm_operands(norm, lanes))
+            b1.reshape(-1, 1), w2, w1, *operands)
         dx = _images(dx, x.shape)
         sums[2] = jnp.swapaxes(sums[2], 1, 2)       # fc2's weight gradient, computed transposed
     else:
         dx, *sums = pallas_lowering.on_platform(
             functools.partial(_rows_backward_call, block=step, eps=eps), _rows(x, step), _rows(g, step), w1,
-            b1.reshape(1, -1), w2, *_norm_operands(norm, lanes))
+            b1.reshape(1, -1), w2, *operands)
         dx = dx[:x.size // x.shape[-1]].reshape(x.shape)
     # float32, over the grid's halves; the vectors (a column or a row in the kernels) flattened
     sums = tuple(s.sum(0).reshape(p.shape) for s, p in zip(sums, (*weights, *norm)))
