@@ -153,6 +153,35 @@ def test_mlp_kernels_compile_for_tpu_in_both_layouts():
         assert set(hlo_stats.collectives(text)) == {'all-reduce'}
 
 
+@needs_libtpu
+def test_attention_kernels_take_the_queries_as_xla_lays_them_out():
+    """A ResTv2 block's gradient with 16 images per chip: XLA lays its activations out tokens-major, and
+    the attention kernels take the queries and give their results in that layout, so that no relayout
+    copy of q, of the attention's output or of their gradients surrounds them."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import jax.numpy as jnp
+    from rest_jax import ops
+    from rest_jax.models import rest_v2
+    from rest_jax.ops import tpu_attention
+    mesh = Mesh(np.array(deviceless.topology_devices(TARGET)), ('data',))
+    block = rest_v2.Block(2, 2, 0.0, jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((4 * 16, 14, 14, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P('data')))
+    params = jax.eval_shape(block.init, jax.random.key(0), jnp.zeros((1, 14, 14, 128), jnp.bfloat16))
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())), params)
+    assert tpu_attention.plan(16, 196, 128, 49, 2)[2]
+
+    def loss(params, x):
+        with ops.kernel_forms('tpu'):
+            return jnp.sum(jnp.square(block.apply(params, x).astype(jnp.float32)))
+    with jax.set_mesh(mesh):
+        rows = hlo_stats.op_bytes(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text())
+    kernels = sorted(row['source'].split('/')[-2] for row in rows if row['op'] == 'custom-call')
+    assert kernels == ['emsa_attention', 'emsa_attention_backward', 'mlp', 'mlp_backward'], kernels
+    query_sized = [row for row in rows if row['op'] == 'copy' and ('emsa_attention' in row['source']
+                                                                   or row['shape'].startswith('bf16[16,196,128]'))]
+    assert not query_sized, query_sized
+
+
 def test_sources_of_rematerialised_ops():
     """An op that jax.checkpoint recomputes (remat) is attributed to its layer, as the rest."""
     prefix = 'jit(train_step)/transpose(jvp(ResTV2))/ResTV2.forward_features/stage4_0/mlp/fc2'

@@ -54,14 +54,17 @@ def test_matches_official_outputs(stem):
 
 @pytest.mark.parametrize('stem', list(REDUCED))
 def test_depthwise_forms_agree_on_golden(stem):
-    """The CPU forms ('shift'), the TPU forms (v2's upsample as a transposed conv) and XLA's grouped
-    convs give the same model outputs on the official weights."""
+    """The CPU forms ('shift'), the TPU forms (v2's upsample as a transposed conv, the attention kernels
+    in Pallas's interpreter) and XLA's grouped convs give the same model outputs on the official
+    weights. v1's head interaction amplifies float32 rounding ~10x (test_v1_head_interaction_amplifies_rounding):
+    the attention kernels' batched products, summed in another order, land at 1.1e-5 there."""
     model, ckpt, gold = _golden_model(stem)
     variables = rest_jax.variables_from_state_dict(model, ckpt['model'])
     x = gold['input_rect']
     with jax.default_matmul_precision('float32'):
         outs = [jax.jit(model.clone(conv_impl=impl).apply)(variables, x) for impl in ('shift', 'tpu', 'lax')]
-    assert relative_error(outs[0], outs[2]) < 1e-5 and relative_error(outs[1], outs[2]) < 1e-5
+    tpu_tol = 2e-5 if getattr(model, 'apply_transform', False) else 1e-5
+    assert relative_error(outs[0], outs[2]) < 1e-5 and relative_error(outs[1], outs[2]) < tpu_tol
 
 
 @pytest.mark.parametrize('stem', list(REDUCED))

@@ -74,32 +74,60 @@ def test_tpu_forms_equal_portable_forms():
 
 
 
+@pytest.mark.parametrize('layout', ['rows', 'tokens'])
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_tpu_attention_kernels_equal_the_portable_form(monkeypatch, dtype):
+def test_tpu_attention_kernels_equal_the_portable_form(monkeypatch, dtype, layout):
     """The Pallas attention (run by Pallas's interpreter here) against the portable form, values and the
     gradients of q, k and v: one head and several, one query block and several (the key and value
-    gradients summed over the blocks), queries padded to a whole number of blocks."""
+    gradients summed over the blocks); on rows, one image per step, queries padded to a whole number
+    of blocks; tokens-major, several images per step and several steps of images."""
     monkeypatch.setattr(tpu_attention, '_BLOCK_ELEMENTS', 1024)   # several query blocks at these sizes
+    if layout == 'rows':
+        monkeypatch.setattr(tpu_attention, 'image_block', lambda *args: None)
+    else:
+        monkeypatch.setattr(tpu_attention, '_IMAGE_BLOCKS', (4,))   # two steps of images
     dt = jnp.dtype(dtype)
     # float32: XLA:CPU sums in another order on another CPU kind (one gradient element 2.1e-6 off on Zen 5)
     tol = dict(rtol=1e-5, atol=1e-5) if dt == jnp.float32 else dict(rtol=2e-2, atol=4e-2)
+    b = 2 if layout == 'rows' else 8
     for (h, w), m, c, heads in [((8, 12), 6, 24, 1), ((8, 8), 16, 32, 2), ((7, 7), 4, 48, 3), ((3, 5), 4, 8, 1)]:
         keys = jax.random.split(jax.random.key(h * w + c), 4)
-        q = jax.random.normal(keys[0], (2, h, w, c), dt)
-        k, v = (2 * jax.random.normal(key, (2, m, c), dt) for key in keys[1:3])
-        g = jax.random.normal(keys[3], (2, h, w, c), dt)
+        q = jax.random.normal(keys[0], (b, h, w, c), dt)
+        k, v = (2 * jax.random.normal(key, (b, m, c), dt) for key in keys[1:3])
+        g = jax.random.normal(keys[3], (b, h, w, c), dt)
         scale = (c // heads) ** -0.5
-        assert tpu_attention.query_block(h * w, c, m) == {96: 32, 64: 32, 49: 16, 15: 15}[h * w]
+        if layout == 'rows':
+            assert tpu_attention.plan(b, h * w, c, m, dt.itemsize) == (1, {96: 32, 64: 32, 49: 16, 15: 15}[h * w], False)
+        else:   # 4 images and at most 1024 / 4 / max(c, m) queries per step, a divisor of h w
+            assert tpu_attention.plan(b, h * w, c, m, dt.itemsize) == (4, {96: 8, 64: 8, 49: 1, 15: 15}[h * w], True)
 
         def outputs(form):
             out, vjp = jax.vjp(lambda q, k, v: form(q, k, v, heads, scale), q, k, v)
             return (out, *vjp(g))
         # forward and backward kernels, each as Mosaic's and the interpreter's (lax.platform_dependent)
         assert str(jax.make_jaxpr(outputs, static_argnums=0)(tpu.attention)).count('pallas_call') == 4
-        for a, b in zip(jax.jit(outputs, static_argnums=0)(tpu.attention),
-                        jax.jit(outputs, static_argnums=0)(portable.attention)):
-            assert a.dtype == b.dtype == dt
-            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+        for a, b_ in zip(jax.jit(outputs, static_argnums=0)(tpu.attention),
+                         jax.jit(outputs, static_argnums=0)(portable.attention)):
+            assert a.dtype == b_.dtype == dt
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b_, np.float32), **tol)
+
+
+def test_tpu_attention_layouts():
+    """Where the kernels take XLA's tokens-major layout (N, B, C): everywhere but where the batch fills
+    the lanes and the channels are at most 192 (XLA's batch-minor layout; the kernels take rows there),
+    and not for a symbolic batch; 16 images per step where their keys, values and gradients fit VMEM, 8
+    for a stage of 768 channels, all of a small batch; rows again where not even 8 fit (1024 channels)."""
+    plan = tpu_attention.plan
+    # restv2_tiny's stages at 128 images per chip (bfloat16): rows, rows, tokens-major, tokens-major
+    assert [plan(128, n, c, 49, 2) for n, c in [(3136, 96), (784, 192), (196, 384), (49, 768)]] == \
+        [(1, 1568, False), (1, 784, False), (16, 14, True), (8, 7, True)]
+    # at 32 per chip (a pod slice) every stage is tokens-major
+    assert [plan(32, n, c, 49, 2) for n, c in [(3136, 96), (784, 192), (196, 384), (49, 768)]] == \
+        [(16, 112, True), (16, 28, True), (16, 14, True), (8, 7, True)]
+    assert plan(128, 49, 1024, 49, 2) == (1, 49, False)
+    assert plan(3, 196, 384, 49, 4) == (3, 98, True)
+    assert plan(24, 196, 384, 49, 2) == (8, 49, True)
+    assert plan(jax.export.symbolic_shape('b')[0], 196, 384, 49, 2) == (1, 196, False)
 
 
 def test_tpu_attention_query_blocks():

@@ -51,3 +51,13 @@ def batch_axes(batch: int) -> tuple[str, ...] | None:
 def local_batch(batch: int) -> int:
     """The batch one kernel call sees: a share of the mesh in context where `batch_axes` splits it."""
     return batch // jax.sharding.get_abstract_mesh().size if batch_axes(batch) else batch
+
+
+LANES = 128   # a vector register's lanes
+
+
+def fills_lanes(batch) -> bool:
+    """Whether XLA's TPU layout of a block's narrow activations (at most 192 channels) puts the batch in
+    the lanes (batch-minor: (N, C, B) in memory, for a per-device batch that is a multiple of 128); else
+    it keeps the channels minor. A symbolic batch (a `jax.export` for any batch) does not."""
+    return isinstance(batch, int) and batch % LANES == 0

@@ -28,7 +28,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
     be split over devices with no mesh in context to split the kernels by (XLA's partitioner cannot
     split a Pallas call: a `jax.jit` over several chips outside `jax.set_mesh`)."""
     b, h, w, c = q.shape
-    if tpu_attention.query_block(h * w, c, k.shape[1]) is None or not pallas_lowering.splittable():
+    if (not pallas_lowering.splittable() or tpu_attention.plan(pallas_lowering.local_batch(b), h * w, c, k.shape[1],
+                                                              q.dtype.itemsize) is None):
         return portable.attention(q, k, v, heads, scale)
     return tpu_attention.attention(q.reshape(b, h * w, c), k, v, heads, scale).reshape(q.shape)
 

@@ -56,7 +56,7 @@ _MAX_CHANNELS_IN_LANES = 192    # the batch in the lanes, the norm inside
 _WEIGHT_ELEMENTS = 1 << 18   # C x F of fc1 (and fc2): 0.5 MB per bfloat16 matrix, 1 MB per float32 gradient
 _HIDDEN_ELEMENTS = 1 << 19   # F x tokens x lanes per grid step: 2 MB per float32 hidden block
 _ROW_HIDDEN_ELEMENTS = 1 << 18   # F x rows per grid step of the row-major kernels
-_LANES = 128                 # images per grid step: a vector register's lanes
+_LANES = pallas_lowering.LANES   # images per grid step
 _SPLIT = 2                   # the backward grid's parallel halves (a v4/v5p chip's two TensorCores)
 _over_lanes = (((1,), (1,)), ((), ()))
 
@@ -64,14 +64,8 @@ _over_lanes = (((1,), (1,)), ((), ()))
 def fits(c: int, f: int, batch: int, norm: bool) -> bool:
     """Whether an MLP of C inputs and F hidden units, with the LayerNorm inside or not, runs as the
     kernels on `batch` images per kernel call (`pallas_lowering.local_batch`)."""
-    limit = _MAX_CHANNELS_IN_LANES if _fills_lanes(batch) and norm else _MAX_CHANNELS
+    limit = _MAX_CHANNELS_IN_LANES if pallas_lowering.fills_lanes(batch) and norm else _MAX_CHANNELS
     return c <= limit and c * f <= _WEIGHT_ELEMENTS
-
-
-def _fills_lanes(batch) -> bool:
-    """Whether a batch fills the lanes (XLA's batch-minor layout), else rows of C; a symbolic batch (a
-    `jax.export` for any batch) does not."""
-    return isinstance(batch, int) and batch % _LANES == 0
 
 
 def rows_per_step(f: int, r: int) -> int:
@@ -160,7 +154,7 @@ def _rows(x, block):
 
 
 def _in_lanes(x) -> bool:
-    return _fills_lanes(x.shape[0])
+    return pallas_lowering.fills_lanes(x.shape[0])
 
 
 def _step(x, w1) -> int:
