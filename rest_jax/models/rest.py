@@ -42,8 +42,8 @@ class Attention(nn.Module):
             x = layers.DepthwiseConv(c, r + 1, r, r // 2, dtype=self.dtype, name='sr')(x)
             x = layers.LayerNorm(LN_EPS, self.dtype, name='sr_norm')(x)
         kv = layers.dense(2 * c, use_bias=self.qkv_bias, dtype=self.dtype, name='kv')(x)
-        kv = kv.reshape(b, -1, 2, c)
-        k, v = kv[:, :, 0], kv[:, :, 1]
+        kv = kv.reshape(b, -1, 2 * c)
+        k, v = kv[..., :c], kv[..., c:]     # channel i c + j: the official (2, heads, head_dim) order
         if not (self.apply_transform and heads > 1):
             out = ops.attention(q, k, v, heads, scale)
             return layers.dense(c, dtype=self.dtype, name='proj')(out)

@@ -41,8 +41,8 @@ class Attention(nn.Module):
             x = layers.DepthwiseConv(c, r + 1, r, r // 2, dtype=self.dtype, name='sr')(x)
             x = layers.LayerNorm(LN_EPS, self.dtype, name='sr_norm')(x)
         hr, wr = x.shape[1:3]
-        kv = layers.dense(2 * c, dtype=self.dtype, name='kv')(x).reshape(b, hr * wr, 2, c)
-        k, v = kv[:, :, 0], kv[:, :, 1]
+        kv = layers.dense(2 * c, dtype=self.dtype, name='kv')(x).reshape(b, hr * wr, 2 * c)
+        k, v = kv[..., :c], kv[..., c:]     # channel i c + j: the official (2, heads, head_dim) order
         out = ops.attention(q, k, v, heads, hd ** -0.5)
 
         # The official code reshapes v (B, heads, M, hd) to (B, C, H/sr, W/sr): channel = head * hd + d,
