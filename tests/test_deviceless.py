@@ -156,8 +156,9 @@ def test_mlp_kernels_compile_for_tpu_in_both_layouts():
 @needs_libtpu
 def test_attention_kernels_take_the_queries_as_xla_lays_them_out():
     """A ResTv2 block's gradient with 16 images per chip: XLA lays its activations out tokens-major, and
-    the attention kernels take the queries and give their results in that layout, so that no relayout
-    copy of q, of the attention's output or of their gradients surrounds them."""
+    the attention kernels take q, k and v and give their results in that layout, so that no relayout
+    copy of q, k, v, of the attention's output or of their gradients surrounds them; nor (at ratio 2,
+    the upsample branch as one conv per output phase) of PixelShuffle's layout."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import jax.numpy as jnp
     from rest_jax import ops
@@ -177,9 +178,10 @@ def test_attention_kernels_take_the_queries_as_xla_lays_them_out():
         rows = hlo_stats.op_bytes(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text())
     kernels = sorted(row['source'].split('/')[-2] for row in rows if row['op'] == 'custom-call')
     assert kernels == ['emsa_attention', 'emsa_attention_backward', 'mlp', 'mlp_backward'], kernels
-    query_sized = [row for row in rows if row['op'] == 'copy' and ('emsa_attention' in row['source']
-                                                                   or row['shape'].startswith('bf16[16,196,128]'))]
-    assert not query_sized, query_sized
+    relayouts = [row for row in rows if row['op'] == 'copy' and (
+        row['shape'].startswith('bf16[16,196,128]')                       # q, the output and their gradients
+        or any(s in row['source'] for s in ('emsa_attention', 'attn/reshape', 'attn/add_any', 'up_0/reshape')))]
+    assert not relayouts, relayouts     # nor k and v (split from kv), nor the upsample's phases (PixelShuffle)
 
 
 def test_sources_of_rematerialised_ops():
