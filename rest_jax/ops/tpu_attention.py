@@ -85,6 +85,18 @@ def image_block(b, n: int, c: int, m: int, itemsize: int) -> tuple[int, int] | N
     return None
 
 
+def plan(b, n: int, c: int, m: int, itemsize: int) -> tuple[int, int, bool] | None:
+    """(images, queries, tokens-major?) per grid step for `b` images of n queries, C channels and m keys
+    per kernel call (`pallas_lowering.local_batch`): `image_block` where XLA lays the queries out
+    tokens-major, else one image and `query_block` queries on rows; None where neither fits VMEM (then
+    the portable form runs)."""
+    blocks = image_block(b, n, c, m, itemsize)
+    if blocks:
+        return (*blocks, True)
+    t = query_block(n, c, m)
+    return None if t is None else (1, t, False)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float) -> jax.Array:
     """`portable.attention` as Pallas kernels (see the module docstring): q (B, N, C) here, the tokens
     flattened. Callers check `plan` (for the batch of one kernel call) first."""
@@ -97,7 +109,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
     return fn(q, k, v)
 
 
-_batched = lambda contract: ((contract[0], contract[1]), ((0,), (0,)))  # noqa: E731   over the images of a step
+def _batched(contract):
+    """dot_general's dimension numbers: `contract` ((lhs axes), (rhs axes)), batched over the images of
+    a step (axis 0 of both)."""
+    return contract, ((0,), (0,))
 
 
 def _probabilities(q, k, scale):
@@ -220,18 +235,6 @@ def _backward_call(q, k, v, g, *, heads, scale, images, t, tokens, interpret):
         scratch_shapes=_scratch(q, m, images, t, tokens, backward=True),
         compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary')),
         cost_estimate=cost, interpret=interpret, name='emsa_attention_backward')(q, k, v, g)
-
-
-def plan(b, n: int, c: int, m: int, itemsize: int) -> tuple[int, int, bool] | None:
-    """(images, queries, tokens-major?) per grid step for `b` images of n queries, C channels and m keys
-    per kernel call (`pallas_lowering.local_batch`): `image_block` where XLA lays the queries out
-    tokens-major, else one image and `query_block` queries on rows; None where neither fits VMEM (then
-    the portable form runs)."""
-    blocks = image_block(b, n, c, m, itemsize)
-    if blocks:
-        return (*blocks, True)
-    t = query_block(n, c, m)
-    return None if t is None else (1, t, False)
 
 
 def _call(kernel_call, heads, scale, q, k, v, *g):
