@@ -157,8 +157,7 @@ def test_mlp_kernels_compile_for_tpu_in_both_layouts():
 def test_attention_kernels_take_the_queries_as_xla_lays_them_out():
     """A ResTv2 block's gradient with 16 images per chip: XLA lays its activations out tokens-major, and
     the attention kernels take q, k and v and give their results in that layout, so that no relayout
-    copy of q, k, v, of the attention's output or of their gradients surrounds them; nor (at ratio 2,
-    the upsample branch as one conv per output phase) of PixelShuffle's layout."""
+    copy of q, k, v, of the attention's output or of their gradients surrounds them."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import jax.numpy as jnp
     from rest_jax import ops
@@ -180,8 +179,8 @@ def test_attention_kernels_take_the_queries_as_xla_lays_them_out():
     assert kernels == ['emsa_attention', 'emsa_attention_backward', 'mlp', 'mlp_backward'], kernels
     relayouts = [row for row in rows if row['op'] == 'copy' and (
         row['shape'].startswith('bf16[16,196,128]')                       # q, the output and their gradients
-        or any(s in row['source'] for s in ('emsa_attention', 'attn/reshape', 'attn/add_any', 'up_0/reshape')))]
-    assert not relayouts, relayouts     # nor k and v (split from kv), nor the upsample's phases (PixelShuffle)
+        or any(s in row['source'] for s in ('emsa_attention', 'attn/reshape', 'attn/add_any')))]
+    assert not relayouts, relayouts     # nor of k and v (split from kv)
 
 
 def test_sources_of_rematerialised_ops():

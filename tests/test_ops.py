@@ -65,12 +65,10 @@ def _assert_upsample_equals_portable(form, r: int) -> None:
 def test_tpu_forms_equal_portable_forms():
     """The TPU forms against the portable ones, values and gradients: v2's upsample branch as one
     transposed (input-dilated) depthwise conv with its hand-written kernel gradient (at ratios 8, 4 and
-    2, though the TPU forms take it at 8 and 4 only), and as one depthwise conv per output phase (at 2,
-    and at 4 and 8 too)."""
-    assert tpu.TRANSPOSED_RATIOS == (4, 8) and tpu.PHASE_RATIOS == (2,)
+    2, though the TPU forms take it at 8 and 4 only)."""
+    assert tpu.TRANSPOSED_RATIOS == (4, 8)
     for r in (8, 4, 2):
         _assert_upsample_equals_portable(tpu._transposed_upsample, r)
-        _assert_upsample_equals_portable(tpu._phase_upsample, r)
     for r in (8, 4, 2, 1):
         _assert_upsample_equals_portable(tpu.upsample, r)
 

@@ -3,7 +3,7 @@
 One function per op; each dispatches to its form in `portable` (the reference, run on GPUs), `cpu`
 (the same arithmetic in the shapes XLA:CPU runs fastest) or `tpu` (the portable forms, but for those that
 move fewer HBM bytes on a TPU in another form: Pallas kernels for EMSA's attention and the narrow MLPs,
-ResTv2's upsample branch as a transposed conv or per-phase convs), as `dispatch` resolves it:
+ResTv2's upsample branch as a transposed conv), as `dispatch` resolves it:
 
     with rest_jax.ops.kernel_forms('auto'):   # the models do this with their `impl` field
         y = rest_jax.ops.depthwise_conv(x, kernel, stride=8, pad=4)

@@ -48,19 +48,11 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array
 
 # Ratios whose upsample branch runs as a transposed conv. Measured for one ResTv2 block at 224 (7 x 7
 # reduced values), training step on 4 chips, XLA's estimate: r = 8: 4.58 -> 4.00 ms, r = 4: 2.99 -> 2.81
-# ms; r = 2: 1.99 -> 2.06 ms, so r = 2 does not.
+# ms; r = 2: 1.99 -> 2.06 ms, so r = 2 keeps the portable form (docs/tpu.md: a per-phase form, tried).
 TRANSPOSED_RATIOS = (4, 8)
-# Ratios whose upsample branch runs as r * r depthwise convs, one per output phase. One restv2_tiny
-# stage-3 block (r = 2), training step, 128 images per chip on v5p:2x2x1, the attention kernels in
-# XLA's layout: 3.58 -> 3.49 GB, 1.66 -> 1.62 ms; at r = 4 (stage 2) the 16 phases lose to the
-# transposed conv (4.45 -> 5.57 GB).
-PHASE_RATIOS = (2,)
-
-
 def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:
     """ResTv2's upsample branch at ratios 4 and 8 as one transposed depthwise convolution, written
-    straight into the (B, H * r, W * r, C) layout; at ratio 2 as one depthwise conv per output phase
-    (`_phase_upsample`); other ratios as the portable form.
+    straight into the (B, H * r, W * r, C) layout; other ratios as the portable form.
 
     Output pixel (h r + i, w r + j) of channel c is sum over (dy, dx) of kernel[dy, dx, c r r + i r + j]
     x[h + dy - 1, w + dx - 1, c]: a convolution of x dilated by r (r - 1 zeros between pixels) with a
@@ -70,24 +62,9 @@ def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> ja
     is fused. The kernel's gradient is an einsum over the batch (a custom VJP): autodiff's form, a
     batch-grouped convolution, makes XLA's partitioner all-gather the whole batch's gradient on every chip.
     """
-    if ratio in PHASE_RATIOS:
-        return _phase_upsample(x, kernel, bias, ratio)
     if ratio not in TRANSPOSED_RATIOS:
         return portable.upsample(x, kernel, bias, ratio)
     return _transposed_upsample(x, kernel, bias, ratio)
-
-
-def _phase_upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, r: int) -> jax.Array:
-    """Output pixel (h r + i, w r + j) of channel c is a 3 x 3 depthwise conv of x with the taps
-    kernel[..., c r r + i r + j]: r * r convs with C outputs each, one per phase (i, j), interleaved.
-    The portable form's grouped conv writes the phases as channels (C r r of them), and PixelShuffle's
-    move of them into pixels is a relayout copy on a TPU; each phase's conv here writes its pixels in
-    XLA's own layout, and the interleave moves whole pixels."""
-    b, h, w, c = x.shape
-    taps, biases = kernel.reshape(3, 3, 1, c, r, r), bias.reshape(c, r, r)
-    rows = [jnp.stack([portable.depthwise_conv(x, taps[..., i, j], 1, 1) + biases[:, i, j] for j in range(r)], axis=3)
-            for i in range(r)]
-    return jnp.stack(rows, axis=2).reshape(b, h * r, w * r, c)
 
 
 def _taps(kernel: jax.Array, c: int, r: int) -> jax.Array:
