@@ -97,7 +97,8 @@ def test_tpu_attention_kernels_equal_the_portable_form(monkeypatch, dtype, layou
         g = jax.random.normal(keys[3], (b, h, w, c), dt)
         scale = (c // heads) ** -0.5
         if layout == 'rows':
-            assert tpu_attention.plan(b, h * w, c, m, dt.itemsize) == (1, {96: 32, 64: 32, 49: 16, 15: 15}[h * w], False)
+            queries = {96: 32, 64: 32, 49: 16, 15: 15}[h * w]
+            assert tpu_attention.plan(b, h * w, c, m, dt.itemsize) == (1, queries, False)
         else:   # 4 images and at most 1024 / 4 / max(c, m) queries per step, a divisor of h w
             assert tpu_attention.plan(b, h * w, c, m, dt.itemsize) == (4, {96: 8, 64: 8, 49: 1, 15: 15}[h * w], True)
 

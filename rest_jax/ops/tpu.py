@@ -50,6 +50,8 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array
 # reduced values), training step on 4 chips, XLA's estimate: r = 8: 4.58 -> 4.00 ms, r = 4: 2.99 -> 2.81
 # ms; r = 2: 1.99 -> 2.06 ms, so r = 2 keeps the portable form (docs/tpu.md: a per-phase form, tried).
 TRANSPOSED_RATIOS = (4, 8)
+
+
 def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:
     """ResTv2's upsample branch at ratios 4 and 8 as one transposed depthwise convolution, written
     straight into the (B, H * r, W * r, C) layout; other ratios as the portable form.

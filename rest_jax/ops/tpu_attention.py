@@ -39,7 +39,6 @@ from rest_jax.ops import pallas_lowering
 _BLOCK_ELEMENTS = 1 << 18   # queries x max(channels, keys) per grid step: ~1 MB of float32 logits
 _VMEM_BUDGET = 12 << 20     # bytes of VMEM a grid step of the image-block kernels may take (v4: 16 MiB)
 _IMAGE_BLOCKS = (16, 8)     # images per grid step in XLA's tokens-major layout: whole (8, 128) tiles
-_NARROW = 192               # the widest activations XLA lays out batch-minor where the batch fills the lanes
 
 
 def query_block(n: int, c: int, m: int) -> int | None:
@@ -63,12 +62,13 @@ def image_block(b, n: int, c: int, m: int, itemsize: int) -> tuple[int, int] | N
     kernel call, or None where they take rows.
 
     XLA lays out a (B, N, C) activation tokens-major, (N, B, C) in memory, unless the batch fills the
-    lanes and the channels are few (`pallas_lowering.fills_lanes`, C <= 192: batch-minor, where the
-    kernels take rows and XLA copies). Taking (N, B, C) blocks as they lie (and the keys and values as
-    (M, B, C)) spares the relayout copies of q and of the output in each pass. The images per step are 16 or 8 (whole tiles of the batch axis)
-    or all of a smaller batch, with their keys and values (and, backward, their gradients) within
-    _VMEM_BUDGET; the queries per step, a divisor of n within _BLOCK_ELEMENTS as for rows."""
-    if not isinstance(b, int) or (pallas_lowering.fills_lanes(b) and c <= _NARROW):
+    lanes and the channels are few (`pallas_lowering.batch_minor`; there the kernels take rows and XLA
+    copies). Taking (N, B, C) blocks as they lie (and the keys and values as (M, B, C)) spares the
+    relayout copies of q and of the output in each pass. The images per step are 16 or 8 (whole tiles
+    of the batch axis) or all of a smaller batch, with their keys and values (and, backward, their
+    gradients) within _VMEM_BUDGET; the queries per step, a divisor of n within _BLOCK_ELEMENTS as for
+    rows."""
+    if not isinstance(b, int) or pallas_lowering.batch_minor(b, c):
         return None
     ceil = lambda x, k: -(-x // k) * k  # noqa: E731
     cp, mp = ceil(c, 128), ceil(m, 16)
@@ -78,7 +78,8 @@ def image_block(b, n: int, c: int, m: int, itemsize: int) -> tuple[int, int] | N
         for t in sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True):
             if images * t * max(c, m) > _BLOCK_ELEMENTS:
                 continue
-            queries = 9 * images * ceil(t, 16) * cp * itemsize      # q, g, dq: two buffers and one image-major copy each
+            # q, g, dq: two buffers and one image-major copy each
+            queries = 9 * images * ceil(t, 16) * cp * itemsize
             logits = 4 * images * ceil(t, 16) * ceil(m, 128) * 4     # p, dp, ds and a product, float32
             if keys + queries + logits <= _VMEM_BUDGET:
                 return images, t
@@ -180,11 +181,10 @@ def _specs(q, k, images, t, tokens):
     """The queries' and the keys' block specs and the grid of a call: one image and t queries per step
     on rows, (B, N, C) and (B, M, C); `images` images and t queries per step in the tokens-major
     layout, (N, B, C) and (M, B, C)."""
+    b, n, c, m = _sizes(q, k, tokens)
     if tokens:
-        (n, b, c), m = q.shape, k.shape[0]
         return (pl.BlockSpec((t, images, c), lambda i, j: (j, i, 0)),
                 pl.BlockSpec((m, images, c), lambda i, j: (0, i, 0)), (b // images, n // t))
-    (b, n, c), m = q.shape, k.shape[1]
     return (pl.BlockSpec((1, t, c), lambda i, j: (i, j, 0)),
             pl.BlockSpec((1, m, c), lambda i, j: (i, 0, 0)), (b, n // t))
 
