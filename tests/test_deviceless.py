@@ -157,7 +157,9 @@ def test_mlp_kernels_compile_for_tpu_in_both_layouts():
 def test_attention_kernels_take_the_queries_as_xla_lays_them_out():
     """A ResTv2 block's gradient with 16 images per chip: XLA lays its activations out tokens-major, and
     the attention kernels take q, k and v and give their results in that layout, so that no relayout
-    copy of q, k, v, of the attention's output or of their gradients surrounds them."""
+    copy of q, k, v, of the attention's output or of their gradients surrounds them. The upsample branch
+    (ratio 2) is shuffled into the token grid in bfloat16, not converted to float32 for the LayerNorm
+    first (`tpu.upsample`)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import jax.numpy as jnp
     from rest_jax import ops
@@ -181,6 +183,10 @@ def test_attention_kernels_take_the_queries_as_xla_lays_them_out():
         row['shape'].startswith('bf16[16,196,128]')                       # q, the output and their gradients
         or any(s in row['source'] for s in ('emsa_attention', 'attn/reshape', 'attn/add_any')))]
     assert not relayouts, relayouts     # nor of k and v (split from kv)
+    # The upsample branch (ratio 2) is shuffled in bfloat16: no float32 copy of it for up_norm's LayerNorm
+    shuffles = [row for row in rows if row['op'] == 'copy' and '/up_' in row['source']]
+    assert any(row['shape'].startswith('bf16[16,7,2,7,2,128]') for row in shuffles), shuffles
+    assert not [row for row in shuffles if row['shape'].startswith('f32') or 'up_norm' in row['source']], shuffles
 
 
 def test_sources_of_rematerialised_ops():

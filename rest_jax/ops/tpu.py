@@ -48,13 +48,20 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array
 
 # Ratios whose upsample branch runs as a transposed conv. Measured for one ResTv2 block at 224 (7 x 7
 # reduced values), training step on 4 chips, XLA's estimate: r = 8: 4.58 -> 4.00 ms, r = 4: 2.99 -> 2.81
-# ms; r = 2: 1.99 -> 2.06 ms, so r = 2 keeps the portable form (docs/tpu.md: a per-phase form, tried).
+# ms; r = 2: 1.99 -> 2.06 ms, so r = 2 keeps the portable form, shuffled behind a barrier (`upsample`; docs/tpu.md: a per-phase form, tried).
 TRANSPOSED_RATIOS = (4, 8)
 
 
 def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:
     """ResTv2's upsample branch at ratios 4 and 8 as one transposed depthwise convolution, written
-    straight into the (B, H * r, W * r, C) layout; other ratios as the portable form.
+    straight into the (B, H * r, W * r, C) layout; other ratios as the portable form, shuffled in the
+    compute dtype behind an optimisation barrier.
+
+    At ratio 2 XLA would otherwise fuse the float32 conversion of the LayerNorm that follows
+    (`up_norm`) into the branch and copy the shuffled pixels in float32, twice the bytes of the
+    bfloat16 copy. Training step, XLA's estimates: restv2_tiny at 128 images per v5p chip 397 -> 390 MB
+    per image, 24.81 -> 24.44 ms; restv2_large at 32 per chip on v5p:4x4x4, fsdp 8, 45.9 -> 43.8 GB,
+    22.02 -> 21.12 ms; restv2_tiny inference at 256 per chip 87 -> 79 MB per image, 12.57 -> 11.69 ms.
 
     Output pixel (h r + i, w r + j) of channel c is sum over (dy, dx) of kernel[dy, dx, c r r + i r + j]
     x[h + dy - 1, w + dx - 1, c]: a convolution of x dilated by r (r - 1 zeros between pixels) with a
@@ -64,9 +71,10 @@ def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> ja
     is fused. The kernel's gradient is an einsum over the batch (a custom VJP): autodiff's form, a
     batch-grouped convolution, makes XLA's partitioner all-gather the whole batch's gradient on every chip.
     """
-    if ratio not in TRANSPOSED_RATIOS:
-        return portable.upsample(x, kernel, bias, ratio)
-    return _transposed_upsample(x, kernel, bias, ratio)
+    if ratio in TRANSPOSED_RATIOS:
+        return _transposed_upsample(x, kernel, bias, ratio)
+    out = portable.upsample(x, kernel, bias, ratio)
+    return lax.optimization_barrier(out) if ratio > 1 else out
 
 
 def _taps(kernel: jax.Array, c: int, r: int) -> jax.Array:
