@@ -114,17 +114,15 @@ def test_tpu_attention_kernels_equal_the_portable_form(monkeypatch, dtype, layou
 
 
 def test_tpu_attention_layouts():
-    """Where the kernels take XLA's tokens-major layout (N, B, C): everywhere but where the batch fills
-    the lanes and the channels are at most 192 (XLA's batch-minor layout; the kernels take rows there),
-    and not for a symbolic batch; 16 images per step where their keys, values and gradients fit VMEM, 8
-    for a stage of 768 channels, all of a small batch; rows again where not even 8 fit (1024 channels)."""
+    """Where the kernels take the tokens-major layout (N, B, C): wherever a block of 8 or 16 images fits
+    VMEM, XLA's batch-minor layout (the batch in the lanes, at most 192 channels) included, but not for
+    a symbolic batch; 16 images per step where their keys, values and gradients fit VMEM, 8 for a stage
+    of 768 channels, all of a small batch; rows where not even 8 fit (1024 channels)."""
     plan = tpu_attention.plan
-    # restv2_tiny's stages at 128 images per chip (bfloat16): rows, rows, tokens-major, tokens-major
-    assert [plan(128, n, c, 49, 2) for n, c in [(3136, 96), (784, 192), (196, 384), (49, 768)]] == \
-        [(1, 1568, False), (1, 784, False), (16, 14, True), (8, 7, True)]
-    # at 32 per chip (a pod slice) every stage is tokens-major
-    assert [plan(32, n, c, 49, 2) for n, c in [(3136, 96), (784, 192), (196, 384), (49, 768)]] == \
-        [(16, 112, True), (16, 28, True), (16, 14, True), (8, 7, True)]
+    # restv2_tiny's stages at 128 and at 32 images per chip (bfloat16; a pod slice at 32)
+    for per_chip in (128, 32):
+        assert [plan(per_chip, n, c, 49, 2) for n, c in [(3136, 96), (784, 192), (196, 384), (49, 768)]] == \
+            [(16, 112, True), (16, 28, True), (16, 14, True), (8, 7, True)]
     assert plan(128, 49, 1024, 49, 2) == (1, 49, False)
     assert plan(3, 196, 384, 49, 4) == (3, 98, True)
     assert plan(24, 196, 384, 49, 2) == (8, 49, True)

@@ -56,17 +56,8 @@ def local_batch(batch: int) -> int:
 LANES = 128   # a vector register's lanes
 
 
-NARROW = 192  # the widest activations XLA's TPU layout puts batch-minor
-
-
 def fills_lanes(batch) -> bool:
-    """Whether XLA's TPU layout of a block's narrow activations (at most NARROW channels) puts the batch
+    """Whether XLA's TPU layout of a block's narrow activations (at most 192 channels) puts the batch
     in the lanes (batch-minor: (N, C, B) in memory, for a per-device batch that is a multiple of 128);
     else it keeps the channels minor. A symbolic batch (a `jax.export` for any batch) does not."""
     return isinstance(batch, int) and batch % LANES == 0
-
-
-def batch_minor(batch, channels: int) -> bool:
-    """Whether XLA lays out a block's (B, N, C) activations batch-minor, (N, C, B) in memory; else
-    tokens-major, (N, B, C), the channels minor."""
-    return fills_lanes(batch) and channels <= NARROW
