@@ -48,14 +48,15 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array
 
 # Ratios whose upsample branch runs as a transposed conv. Measured for one ResTv2 block at 224 (7 x 7
 # reduced values), training step on 4 chips, XLA's estimate: r = 8: 4.58 -> 4.00 ms, r = 4: 2.99 -> 2.81
-# ms; r = 2: 1.99 -> 2.06 ms, so r = 2 keeps the portable form, shuffled behind a barrier (`upsample`; docs/tpu.md: a per-phase form, tried).
+# ms; r = 2: 1.99 -> 2.06 ms, so r = 2 keeps the portable form, behind a barrier (`upsample`; docs/tpu.md:
+# a per-phase form, tried).
 TRANSPOSED_RATIOS = (4, 8)
 
 
 def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:
     """ResTv2's upsample branch at ratios 4 and 8 as one transposed depthwise convolution, written
-    straight into the (B, H * r, W * r, C) layout; other ratios as the portable form, shuffled in the
-    compute dtype behind an optimisation barrier.
+    straight into the (B, H * r, W * r, C) layout; other ratios as the portable form, and where that
+    shuffles pixels (ratio 2) behind an optimisation barrier, so that it shuffles in the compute dtype.
 
     At ratio 2 XLA would otherwise fuse the float32 conversion of the LayerNorm that follows
     (`up_norm`) into the branch and copy the shuffled pixels in float32, twice the bytes of the

@@ -91,9 +91,9 @@ def image_block(b, n: int, c: int, m: int, itemsize: int) -> tuple[int, int] | N
 
 def plan(b, n: int, c: int, m: int, itemsize: int) -> tuple[int, int, bool] | None:
     """(images, queries, tokens-major?) per grid step for `b` images of n queries, C channels and m keys
-    per kernel call (`pallas_lowering.local_batch`): `image_block` where XLA lays the queries out
-    tokens-major, else one image and `query_block` queries on rows; None where neither fits VMEM (then
-    the portable form runs)."""
+    per kernel call (`pallas_lowering.local_batch`): `image_block` where a block of images fits VMEM,
+    else one image and `query_block` queries on rows; None where neither fits (then the portable form
+    runs)."""
     blocks = image_block(b, n, c, m, itemsize)
     if blocks:
         return (*blocks, True)
