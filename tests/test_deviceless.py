@@ -1,12 +1,14 @@
 """rest_jax.deviceless: train.py's step compiled for a TPU slice on a CPU-only host (needs libtpu)."""
 
 import importlib.util
+import re
 import subprocess
 import sys
 
 import jax
 import ml_collections
 import numpy as np
+
 import pytest
 
 from conftest import REPO
@@ -79,15 +81,16 @@ def test_train_step_for_a_tpu_slice(fsdp2):
     layers = sharded_layers(ct)
     gathered = {s.removeprefix('bwd ').rsplit('/', 1)[0] for s in gathers['sources']}
     assert layers and gathered == layers, (gathered, layers)
-    # The attention and the MLP (at most 128 channels: every stage of this model) of every block run as
-    # the Pallas kernels, forward and backward, on each chip's own images (split by hand: XLA would
-    # gather a custom call's whole batch, which the check above excludes); the MLP kernels (with norm2
-    # inside) read XLA's batch-minor layout as it is: no op on an activation around them, copy or other.
+    # The attention, the upsample branch with its norm and the MLP (at most 128 channels: every stage of
+    # this model) of every block run as the Pallas kernels, forward and backward, on each chip's own
+    # images (split by hand: XLA would gather a custom call's whole batch, which the check above
+    # excludes); the MLP kernels (with norm2 inside) read XLA's batch-minor layout as it is: no op on an
+    # activation around them, copy or other.
     rows = hlo_stats.op_bytes(ct.compiled.as_text())
     kernels = sorted(row['source'].split('/')[0] + ' ' + row['source'].split('/')[-2]
                      for row in rows if row['op'] == 'custom-call')
-    assert kernels == sorted(f'{p}stage{i}_0 {k}{b}' for i in range(1, 5) for k in ('emsa_attention', 'mlp')
-                             for p, b in [('', ''), ('bwd ', '_backward')]), kernels
+    assert kernels == sorted(f'{p}stage{i}_0 {k}{b}' for i in range(1, 5)
+                             for k in ('emsa_attention', 'mlp', 'upsample_norm') for p, b in [('', ''), ('bwd ', '_backward')]), kernels
     around = [row for row in rows if row['op'] != 'custom-call' and ('/mlp/' in row['source'] or '/norm2' in row['source'])
               and row['shape'].count(',') >= 2]
     assert around == [], around   # only the weights (2-D), cast to bfloat16 and transposed
@@ -103,9 +106,9 @@ def test_train_step_for_a_tpu_slice(fsdp2):
 @needs_libtpu
 def test_inference_over_several_chips_with_and_without_a_mesh_in_context(monkeypatch):
     """`jax.jit` inference of a batch split over four chips: under `jax.set_mesh` the attention kernels
-    run on each chip's own images (no collective), and the MLP is XLA's own form (one fusion, when it is
-    not differentiated); with no mesh in context, on a host with several chips, the portable attention
-    runs (XLA's partitioner cannot split a Pallas call), so it compiles."""
+    and the upsample branch's run on each chip's own images (no collective), and the MLP is XLA's own
+    form (one fusion, when it is not differentiated); with no mesh in context, on a host with several
+    chips, the portable forms run (XLA's partitioner cannot split a Pallas call), so it compiles."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import jax.numpy as jnp
     import rest_jax
@@ -118,7 +121,7 @@ def test_inference_over_several_chips_with_and_without_a_mesh_in_context(monkeyp
         text = jax.jit(model.apply).lower(variables, images).compile().as_text()
     kernels = sorted(row['source'].split('/')[0] + ' ' + row['source'].split('/')[-2]
                      for row in hlo_stats.op_bytes(text) if row['op'] == 'custom-call')
-    assert kernels == [f'stage{i}_0 emsa_attention' for i in range(1, 5)], kernels
+    assert kernels == [f'stage{i}_0 {k}' for i in range(1, 5) for k in ('emsa_attention', 'upsample_norm')], kernels
     assert hlo_stats.collectives(text) == {}
     monkeypatch.setattr(jax, 'device_count', lambda *a: 4)   # this host's four TPU chips
     text = jax.jit(model.apply).lower(variables, images).compile().as_text()
@@ -158,8 +161,8 @@ def test_attention_kernels_take_the_queries_as_xla_lays_them_out():
     """A ResTv2 block's gradient with 16 images per chip: XLA lays its activations out tokens-major, and
     the attention kernels take q, k and v and give their results in that layout, so that no relayout
     copy of q, k, v, of the attention's output or of their gradients surrounds them. The upsample branch
-    (ratio 2) is shuffled into the token grid in bfloat16, not converted to float32 for the LayerNorm
-    first (`tpu.upsample`)."""
+    (ratio 2) and its LayerNorm run as kernels that write the token grid in that layout too: no copy of
+    the branch, its output or its gradient (`tpu_upsample`)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import jax.numpy as jnp
     from rest_jax import ops
@@ -178,15 +181,16 @@ def test_attention_kernels_take_the_queries_as_xla_lays_them_out():
     with jax.set_mesh(mesh):
         rows = hlo_stats.op_bytes(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text())
     kernels = sorted(row['source'].split('/')[-2] for row in rows if row['op'] == 'custom-call')
-    assert kernels == ['emsa_attention', 'emsa_attention_backward', 'mlp', 'mlp_backward'], kernels
+    assert kernels == ['emsa_attention', 'emsa_attention_backward', 'mlp', 'mlp_backward', 'upsample_norm',
+                       'upsample_norm_backward'], kernels
     relayouts = [row for row in rows if row['op'] == 'copy' and (
         row['shape'].startswith('bf16[16,196,128]')                       # q, the output and their gradients
         or any(s in row['source'] for s in ('emsa_attention', 'attn/reshape', 'attn/add_any')))]
     assert not relayouts, relayouts     # nor of k and v (split from kv)
-    # The upsample branch (ratio 2) is shuffled in bfloat16: no float32 copy of it for up_norm's LayerNorm
-    shuffles = [row for row in rows if row['op'] == 'copy' and '/up_' in row['source']]
-    assert any(row['shape'].startswith('bf16[16,7,2,7,2,128]') for row in shuffles), shuffles
-    assert not [row for row in shuffles if row['shape'].startswith('f32') or 'up_norm' in row['source']], shuffles
+    # (only the branch's weights are copied, reordered for the kernels)
+    shuffles = [row for row in rows if row['op'] == 'copy' and '/up_' in row['source']
+                and '16' in re.search(r'\[([\d,]*)\]', row['shape']).group(1).split(',')]
+    assert not shuffles, [(row['shape'], row['source']) for row in shuffles]
 
 
 def test_sources_of_rematerialised_ops():

@@ -15,7 +15,7 @@ import pytest
 
 import rest_jax
 from rest_jax import ops
-from rest_jax.ops import cpu, cpu_isa, portable, tpu, tpu_attention, tpu_mlp
+from rest_jax.ops import cpu, cpu_isa, portable, tpu, tpu_attention, tpu_mlp, tpu_upsample
 
 FORMS = {'cpu': cpu, 'xla': portable, 'tpu': tpu}
 
@@ -212,6 +212,70 @@ def test_tpu_mlp_where_the_kernels_run():
     assert [tpu_mlp.rows_per_step(f, r) for f, r in [(384, 32 * 3136), (384, 15)]] == [512, 16]
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_tpu_upsample_kernels_equal_the_portable_form(monkeypatch, dtype):
+    """The Pallas upsample branch with its LayerNorm (run by Pallas's interpreter here) against the
+    portable form (`portable.upsample` with `norm`), values and the gradients of the values, the conv's
+    kernel and bias and the norm's scale and bias, at ratios 8, 4, 2 and 1, square and oblong reduced
+    grids, two steps of images (the parameters' gradients summed over both). In bfloat16 both are held
+    to the float32 form on the same rounded inputs (the kernels normalise the float32 conv output; the
+    portable form rounds it to bfloat16 first)."""
+    monkeypatch.setattr(tpu_upsample, '_IMAGES', (4,))     # two steps of images
+    dt = jnp.dtype(dtype)
+    for r, (h, w), c in [(8, (3, 2), 24), (4, (3, 3), 8), (2, (5, 4), 40), (1, (4, 4), 16)]:
+        keys = jax.random.split(jax.random.key(r), 6)
+        x = (2 * jax.random.normal(keys[0], (8, h, w, c)) + jnp.arange(c) / c).astype(dt)
+        kernel = 0.3 * jax.random.normal(keys[1], (3, 3, 1, c * r * r))
+        bias = 0.5 * jax.random.normal(keys[2], (c * r * r,))
+        scale, shift = 1 + 0.3 * jax.random.normal(keys[3], (c,)), 0.3 * jax.random.normal(keys[4], (c,))
+        g = jax.random.normal(keys[5], (8, h * r, w * r, c), dt)
+        assert tpu_upsample.images_per_step(8, h, w, c, r, dt.itemsize) == 4
+
+        def outputs(form, x, kernel, bias, scale, shift):
+            out, vjp = jax.vjp(lambda *a: form(*a[:3], r, (*a[3:], 1e-6)), x, kernel, bias, scale, shift)
+            return (out, *vjp(g.astype(out.dtype)))
+        args = (x, kernel.astype(dt), bias.astype(dt), scale, shift)
+        # forward and backward kernels, each as Mosaic's and the interpreter's (lax.platform_dependent)
+        assert str(jax.make_jaxpr(outputs, static_argnums=0)(tpu.upsample, *args)).count('pallas_call') == 4
+        got = jax.jit(outputs, static_argnums=0)(tpu.upsample, *args)
+        want = jax.jit(outputs, static_argnums=0)(portable.upsample, *[a.astype(jnp.float32) for a in args])
+        for a, ref, arg in zip(got, want, (x, *args)):
+            assert a.shape == ref.shape and a.dtype == arg.dtype
+            a, ref = np.asarray(a, np.float32), np.asarray(ref, np.float32)
+            if dt == jnp.float32:
+                np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-5)
+            else:
+                assert np.max(np.abs(a - ref)) <= 2e-2 * np.max(np.abs(ref)), (r, np.max(np.abs(a - ref)))
+
+
+def test_tpu_upsample_where_the_kernels_run():
+    """The kernels take the branch with its norm wherever a block of images fits VMEM: restv2's stages
+    at 224 with 128 and 32 images per chip, a 384 fine-tune's first stage with fewer images per step, a
+    small batch whole; not a symbolic batch, a batch that no block divides, or a detector's first stage
+    at 800 x 1333 (25 x 42 reduced values at ratio 8), where the transposed conv and the portable norm
+    run. Without the norm, the branch alone is never a kernel."""
+    per_step = tpu_upsample.images_per_step
+    for per_chip in (128, 32):
+        assert [per_step(per_chip, 7, 7, c, r, 2) for c, r in [(96, 8), (192, 4), (384, 2), (768, 1)]] == [32, 32, 32, 16]
+    assert per_step(128, 12, 12, 96, 8, 2) == 16
+    assert per_step(6, 7, 7, 384, 2, 4) == 6
+    assert per_step(jax.export.symbolic_shape('b')[0], 7, 7, 96, 8, 2) is None
+    assert per_step(12, 7, 7, 96, 8, 2) is None
+    assert per_step(8, 25, 42, 96, 8, 2) is None
+
+    def primitives(batch, h, w, norm=True):
+        x = jax.ShapeDtypeStruct((batch, h, w, 96), jnp.bfloat16)
+        kernel, bias = jax.ShapeDtypeStruct((3, 3, 1, 96 * 64), jnp.bfloat16), jax.ShapeDtypeStruct((96 * 64,), jnp.bfloat16)
+        ln = jax.ShapeDtypeStruct((96,), jnp.float32)
+
+        def loss(*args):
+            return jnp.sum(tpu.upsample(*args[:3], 8, (*args[3:], 1e-6) if norm else None).astype(jnp.float32))
+        return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, kernel, bias, ln, ln))
+    assert 'upsample_norm' in primitives(8, 7, 7)
+    for jaxpr in (primitives(8, 7, 7, norm=False), primitives(8, 25, 42)):
+        assert 'pallas_call' not in jaxpr and 'lhs_dilation=(8, 8)' in jaxpr   # the transposed conv
+
+
 def test_exact_gelu_gradient():
     """GELU in PyTorch's erf form: the output against float64 and jax.nn.gelu (erfc form) to
     |x| * 6e-8; the hand-written backward Phi(x) + x * phi(x) against float64, tails included (to
@@ -381,6 +445,8 @@ def _primitives(model, variables, x) -> set[str]:
             names.add(eqn.primitive.name)
             if eqn.primitive.name == 'conv_general_dilated' and max(eqn.params['lhs_dilation']) > 1:
                 names.add('transposed conv')
+            if eqn.primitive.name == 'pallas_call' and 'name=upsample_norm' in str(eqn):
+                names.add('pallas:upsample_norm')
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 walk(sub)
     walk(jaxpr.jaxpr)
@@ -391,7 +457,7 @@ def _primitives(model, variables, x) -> set[str]:
 def test_model_forms_follow_the_target(name):
     """A model with impl='auto' traced for a TPU mesh on this (CPU) host takes the TPU forms: grouped
     convolutions, no CPU fences or hand-written CPU gradients, the attention as Pallas kernels, and
-    (v2) the upsample branch as a transposed conv; 'xla' the portable forms, 'cpu' the CPU forms. The
+    (v2) the upsample branch and its LayerNorm as Pallas kernels; 'xla' the portable forms, 'cpu' the CPU forms. The
     former name `conv_impl` still selects them."""
     model = rest_jax.create_model(name, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_classes=5)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
@@ -405,8 +471,9 @@ def test_model_forms_follow_the_target(name):
     assert 'reduce_precision' in cpu_ops and 'custom_vjp_call' in str(cpu_ops)
     for forms in (portable_ops, tpu_ops):
         assert 'reduce_precision' not in forms and 'conv_general_dilated' in forms
-    assert ('transposed conv' in tpu_ops - portable_ops) == name.startswith('restv2')
+    assert 'transposed conv' not in tpu_ops   # v2's upsample branch and its norm: kernels, below
     assert 'pallas_call' in tpu_ops and 'pallas_call' not in portable_ops | cpu_ops   # the attention kernels
+    assert ('pallas:upsample_norm' in tpu_ops) == name.startswith('restv2')
     if not name.startswith('restv2'):   # no upsample branch in v1: its other TPU forms are the portable ones
         # the kernels, their reads and writes, and the choice of Mosaic or the interpreter at lowering
         assert tpu_ops - portable_ops == {'pallas_call', 'get', 'swap', 'cond', 'platform_index'}

@@ -47,9 +47,10 @@ class Attention(nn.Module):
 
         # The official code reshapes v (B, heads, M, hd) to (B, C, H/sr, W/sr): channel = head * hd + d,
         # which is exactly the (heads, hd) order of our last axis.
-        identity = v.reshape(b, hr, wr, c)
-        identity = layers.DepthwiseUpsample(r, dtype=self.dtype, name='up_0')(identity)[:, :h, :w]
-        identity = layers.LayerNorm(LN_EPS, self.dtype, name='up_norm')(identity)
+        # The branch's LayerNorm (up_norm) is per pixel: applied before the crop, it gives the same pixels.
+        up_norm = layers.LayerNormParams(name='up_norm')(c)
+        identity = layers.DepthwiseUpsample(r, dtype=self.dtype, name='up_0')(
+            v.reshape(b, hr, wr, c), norm=(*up_norm, LN_EPS))[:, :h, :w]
         return layers.dense(c, dtype=self.dtype, name='proj')(out + identity)
 
 

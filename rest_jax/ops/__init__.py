@@ -2,8 +2,8 @@
 
 One function per op; each dispatches to its form in `portable` (the reference, run on GPUs), `cpu`
 (the same arithmetic in the shapes XLA:CPU runs fastest) or `tpu` (the portable forms, but for those that
-move fewer HBM bytes on a TPU in another form: Pallas kernels for EMSA's attention and the narrow MLPs,
-ResTv2's upsample branch as a transposed conv), as `dispatch` resolves it:
+move fewer HBM bytes on a TPU in another form: Pallas kernels for EMSA's attention, the narrow MLPs and
+ResTv2's upsample branch with its LayerNorm), as `dispatch` resolves it:
 
     with rest_jax.ops.kernel_forms('auto'):   # the models do this with their `impl` field
         y = rest_jax.ops.depthwise_conv(x, kernel, stride=8, pad=4)
@@ -45,9 +45,10 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> ja
     return _forms().depthwise_conv(x, kernel, stride, pad)
 
 
-def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:
-    """ResTv2's upsample branch: depthwise 3x3 to C * r * r channels, bias, PixelShuffle(r)."""
-    return _forms().upsample(x, kernel, bias, ratio)
+def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple | None = None) -> jax.Array:
+    """ResTv2's upsample branch: depthwise 3x3 to C * r * r channels, bias, PixelShuffle(r); with `norm`
+    (scale, bias, eps), then a LayerNorm over C in x's dtype (one op, so that a form can fuse the two)."""
+    return _forms().upsample(x, kernel, bias, ratio, norm)
 
 
 def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, dtype,

@@ -41,12 +41,14 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> ja
                                     dimension_numbers=_NHWC, feature_group_count=x.shape[-1])
 
 
-def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:
+def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple | None = None) -> jax.Array:
     """ResTv2's upsample branch: depthwise 3x3 conv (pad 1) to C * r * r channels, bias, PixelShuffle(r).
 
     kernel (3, 3, 1, C * r * r) and bias (C * r * r,) as `nn.Conv2d(C, C * r * r, 3, padding=1, groups=C)`.
+    With `norm` (scale, bias, eps): then `layer_norm` over C, in x's dtype (the branch's `up_norm`).
     """
-    return pixel_shuffle(depthwise_conv(x, kernel, 1, 1) + bias, ratio)
+    y = pixel_shuffle(depthwise_conv(x, kernel, 1, 1) + bias, ratio)
+    return y if norm is None else layer_norm(y, *norm, y.dtype)
 
 
 def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rest_jax.ops import pallas_lowering, portable, tpu_attention, tpu_mlp
+from rest_jax.ops import pallas_lowering, portable, tpu_attention, tpu_mlp, tpu_upsample
 from rest_jax.ops.portable import block_fence, conv, depthwise_conv, gelu, layer_norm, pa_fence, pixel_shuffle
 
 __all__ = ['attention', 'block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'mlp', 'pa_fence',
@@ -53,7 +53,19 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array
 TRANSPOSED_RATIOS = (4, 8)
 
 
-def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:
+def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple | None = None) -> jax.Array:
+    """ResTv2's upsample branch with its LayerNorm (`norm`) as Pallas kernels that write only the
+    normalised output (`tpu_upsample`), where a block of images fits VMEM and the batch can be split
+    (as `attention`). Elsewhere, and without `norm`: `_upsample`, then the portable LayerNorm."""
+    b, h, w, c = x.shape
+    if (norm is not None and pallas_lowering.splittable()
+            and tpu_upsample.images_per_step(pallas_lowering.local_batch(b), h, w, c, ratio, x.dtype.itemsize)):
+        return tpu_upsample.upsample_norm(x, kernel, bias, ratio, norm)
+    y = _upsample(x, kernel, bias, ratio)
+    return y if norm is None else layer_norm(y, *norm, y.dtype)
+
+
+def _upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:
     """ResTv2's upsample branch at ratios 4 and 8 as one transposed depthwise convolution, written
     straight into the (B, H * r, W * r, C) layout; other ratios as the portable form, and where that
     shuffles pixels (ratio 2) behind an optimisation barrier, so that it shuffles in the compute dtype.
