@@ -4,6 +4,7 @@
     python docs/tpu_forms.py [--target v5p:2x2x1] [--batch-per-chip 128] [--stages 1 2 3]
     python docs/tpu_forms.py --attention [--stages 1 2 3 4]
     python docs/tpu_forms.py --mlp
+    python docs/tpu_forms.py --upsample-kernels [--stages 1 2 3 4]
 
 For each stage of restv2_tiny (its width, heads and reduction ratio; 224 x 224 input, so 7 x 7 reduced
 values) it compiles the gradient of one block for the target's chips, batch split over them, bfloat16,
@@ -15,6 +16,8 @@ rest_jax.ops.tpu.TRANSPOSED_RATIOS (docs/tpu.md). With --attention: the TPU form
 attention and with the attention kernels (rest_jax.ops.tpu_attention). With --mlp: the TPU forms with
 the portable MLP and with the MLP kernels (rest_jax.ops.tpu_mlp), for the first two stages' blocks of
 restv2_tiny, restv2_large and rest_lite, and the second of rest_base (the figures behind tpu_mlp.fits).
+With --upsample-kernels: the TPU forms with the upsample branch and its LayerNorm as XLA ops (the
+forms above, then the portable norm) and as the kernels (rest_jax.ops.tpu_upsample).
 """
 
 from __future__ import annotations
@@ -42,19 +45,29 @@ MLP_BLOCKS = {'restv2_tiny stage 1': (2, 96, 1, 8, 56), 'restv2_tiny stage 2': (
               'rest_base stage 2': (1, 192, 2, 4, 28)}
 
 
+def _normed(branch):
+    """An upsample form `branch(x, kernel, bias, ratio)` with the `norm` argument of `ops.upsample`:
+    the portable LayerNorm after it."""
+    def form(x, kernel, bias, ratio, norm=None):
+        y = branch(x, kernel, bias, ratio)
+        return y if norm is None else portable.layer_norm(y, *norm, y.dtype)
+    return form
+
+
 def _autodiff_transposed(x, kernel, bias, ratio):
     """The transposed-conv form without the custom VJP (the kernel gradient by autodiff)."""
     return tpu._transposed_upsample.fun(x, kernel, bias, ratio)
 
 
-FORMS = {'portable': portable.upsample, 'transposed, autodiff': _autodiff_transposed,
-         'transposed, custom VJP': tpu._transposed_upsample}
+FORMS = {'portable': portable.upsample, 'transposed, autodiff': _normed(_autodiff_transposed),
+         'transposed, custom VJP': _normed(tpu._transposed_upsample)}
 
 
-def block_step(stage, devices, per_chip: int, upsample=None, attention=None, mlp=None) -> dict:
+def block_step(stage, devices, per_chip: int, upsample=None, attention=None, mlp=None, branch=None) -> dict:
     """One block's gradient: the portable forms with `upsample` as the upsample branch, or (given
-    `attention` or `mlp`) the TPU forms with `attention` as EMSA's attention or `mlp` as the MLP. `stage`
-    is a restv2_tiny stage, or a name in MLP_BLOCKS."""
+    `attention`, `mlp` or `branch`) the TPU forms with `attention` as EMSA's attention, `mlp` as the MLP
+    or `branch` as the upsample branch with its norm. `stage` is a restv2_tiny stage, or a name in
+    MLP_BLOCKS."""
     version, c, heads, r, side = MLP_BLOCKS[stage] if stage in MLP_BLOCKS else (2, *STAGES[stage])
     block = (rest_v2.Block(heads, r, 0.0, jnp.bfloat16) if version == 2
              else rest.Block(heads, sr_ratio=r, dtype=jnp.bfloat16))
@@ -69,7 +82,8 @@ def block_step(stage, devices, per_chip: int, upsample=None, attention=None, mlp
             return jnp.sum(jnp.square(block.apply(params, x).astype(jnp.float32)))
 
     module, name, form = ((portable, 'upsample', upsample) if upsample is not None else
-                          (tpu, 'attention', attention) if attention is not None else (tpu, 'mlp', mlp))
+                          (tpu, 'attention', attention) if attention is not None else
+                          (tpu, 'upsample', branch) if branch is not None else (tpu, 'mlp', mlp))
     saved = getattr(module, name)
     setattr(module, name, form)
     try:
@@ -91,8 +105,11 @@ def main() -> None:
     parser.add_argument('--stages', type=int, nargs='+', choices=sorted(STAGES))
     parser.add_argument('--attention', action='store_true', help='compare the attention forms instead')
     parser.add_argument('--mlp', action='store_true', help='compare the MLP forms instead')
+    parser.add_argument('--upsample-kernels', action='store_true',
+                        help='compare the upsample branch with its norm as XLA ops and as kernels instead')
     args = parser.parse_args()
-    stages = list(MLP_BLOCKS) if args.mlp else args.stages or ([1, 2, 3, 4] if args.attention else [1, 2, 3])
+    stages = (list(MLP_BLOCKS) if args.mlp else
+              args.stages or ([1, 2, 3, 4] if args.attention or args.upsample_kernels else [1, 2, 3]))
     devices = deviceless.topology_devices(args.target)
     print(f'one block, training step, {args.batch_per_chip} per chip on {args.target} '
           f'({len(devices)} chips), bfloat16; XLA per chip (compiler estimates)')
@@ -103,6 +120,8 @@ def main() -> None:
             return tpu_mlp.mlp(x if norm is None else portable.layer_norm(x, *norm, dtype), w1, b1, w2, b2, dtype)
         forms = {'portable MLP': dict(mlp=portable.mlp), 'MLP kernels, norm apart': dict(mlp=apart),
                  'MLP kernels, norm inside': dict(mlp=tpu_mlp.mlp)}
+    elif args.upsample_kernels:
+        forms = {'XLA ops': dict(branch=_normed(tpu._upsample)), 'kernels': dict(branch=tpu.upsample)}
     elif args.attention:
         forms = {'portable attention': dict(attention=portable.attention), 'attention kernels': dict(attention=tpu.attention)}
     else:

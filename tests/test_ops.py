@@ -214,27 +214,29 @@ def test_tpu_mlp_where_the_kernels_run():
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_tpu_upsample_kernels_equal_the_portable_form(monkeypatch, dtype):
-    """The Pallas upsample branch with its LayerNorm (run by Pallas's interpreter here) against the
-    portable form (`portable.upsample` with `norm`), values and the gradients of the values, the conv's
-    kernel and bias and the norm's scale and bias, at ratios 8, 4, 2 and 1, square and oblong reduced
-    grids, two steps of images (the parameters' gradients summed over both). In bfloat16 both are held
-    to the float32 form on the same rounded inputs (the kernels normalise the float32 conv output; the
-    portable form rounds it to bfloat16 first)."""
+    """The Pallas upsample branch with its LayerNorm and the sum with EMSA's attention output (run by
+    Pallas's interpreter here) against the portable form (`portable.upsample` with `norm` and `add`),
+    values and the gradients of the values, the conv's kernel and bias, the norm's scale and bias and the
+    added array, at ratios 8, 4, 2 and 1, square and oblong reduced grids, two steps of images (the
+    parameters' gradients summed over both), with the sum and without. In bfloat16 both are held to the
+    float32 form on the same rounded inputs (the kernels normalise the float32 conv output and add in
+    float32; the portable form rounds the conv's output and the branch's to bfloat16 first)."""
     monkeypatch.setattr(tpu_upsample, '_IMAGES', (4,))     # two steps of images
     dt = jnp.dtype(dtype)
     for r, (h, w), c in [(8, (3, 2), 24), (4, (3, 3), 8), (2, (5, 4), 40), (1, (4, 4), 16)]:
-        keys = jax.random.split(jax.random.key(r), 6)
+        keys = jax.random.split(jax.random.key(r), 7)
         x = (2 * jax.random.normal(keys[0], (8, h, w, c)) + jnp.arange(c) / c).astype(dt)
         kernel = 0.3 * jax.random.normal(keys[1], (3, 3, 1, c * r * r))
         bias = 0.5 * jax.random.normal(keys[2], (c * r * r,))
         scale, shift = 1 + 0.3 * jax.random.normal(keys[3], (c,)), 0.3 * jax.random.normal(keys[4], (c,))
         g = jax.random.normal(keys[5], (8, h * r, w * r, c), dt)
+        added = jax.random.normal(keys[6], g.shape, dt)
         assert tpu_upsample.images_per_step(8, h, w, c, r, dt.itemsize) == 4
 
-        def outputs(form, x, kernel, bias, scale, shift):
-            out, vjp = jax.vjp(lambda *a: form(*a[:3], r, (*a[3:], 1e-6)), x, kernel, bias, scale, shift)
+        def outputs(form, x, kernel, bias, scale, shift, *add):
+            out, vjp = jax.vjp(lambda *a: form(*a[:3], r, (*a[3:5], 1e-6), *a[5:]), x, kernel, bias, scale, shift, *add)
             return (out, *vjp(g.astype(out.dtype)))
-        args = (x, kernel.astype(dt), bias.astype(dt), scale, shift)
+        args = (x, kernel.astype(dt), bias.astype(dt), scale, shift, *([added] if r != 4 else []))
         # forward and backward kernels, each as Mosaic's and the interpreter's (lax.platform_dependent)
         assert str(jax.make_jaxpr(outputs, static_argnums=0)(tpu.upsample, *args)).count('pallas_call') == 4
         got = jax.jit(outputs, static_argnums=0)(tpu.upsample, *args)
@@ -274,6 +276,15 @@ def test_tpu_upsample_where_the_kernels_run():
     assert 'upsample_norm' in primitives(8, 7, 7)
     for jaxpr in (primitives(8, 7, 7, norm=False), primitives(8, 25, 42)):
         assert 'pallas_call' not in jaxpr and 'lhs_dilation=(8, 8)' in jaxpr   # the transposed conv
+    # an added array smaller than the branch (its crop to a token grid that sr does not divide)
+    x, ln = jax.ShapeDtypeStruct((8, 7, 7, 16), jnp.float32), jax.ShapeDtypeStruct((16,), jnp.float32)
+    kernel, bias = jax.ShapeDtypeStruct((3, 3, 1, 64), jnp.float32), jax.ShapeDtypeStruct((64,), jnp.float32)
+    for side, kernels in [(14, True), (13, False)]:
+        add = jax.ShapeDtypeStruct((8, side, side, 16), jnp.float32)
+        out = jax.eval_shape(lambda *a: tpu.upsample(*a[:3], 2, (*a[3:5], 1e-6), a[5]), x, kernel, bias, ln, ln, add)
+        assert out.shape == add.shape
+        jaxpr = str(jax.make_jaxpr(lambda *a: tpu.upsample(*a[:3], 2, (*a[3:5], 1e-6), a[5]))(x, kernel, bias, ln, ln, add))
+        assert ('pallas_call' in jaxpr) == kernels
 
 
 def test_exact_gelu_gradient():

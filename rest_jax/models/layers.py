@@ -77,12 +77,13 @@ class DepthwiseUpsample(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, norm: tuple | None = None) -> jax.Array:
-        """`norm` (a `LayerNormParams`' scale and bias, and eps): that LayerNorm of the branch, as one op."""
+    def __call__(self, x: jax.Array, norm: tuple | None = None, add: jax.Array | None = None) -> jax.Array:
+        """`norm` (a `LayerNormParams`' scale and bias, and eps): that LayerNorm of the branch; `add`
+        (B, H, W, C): add + the branch cropped to H x W. One op, which a kernel form may fuse."""
         c, r = x.shape[-1], self.ratio
         kernel = self.param('kernel', weight_init, (3, 3, 1, c * r * r)).astype(self.dtype)
         bias = self.param('bias', nn.initializers.zeros, (c * r * r,)).astype(self.dtype)
-        return ops.upsample(x.astype(self.dtype), kernel, bias, r, norm)
+        return ops.upsample(x.astype(self.dtype), kernel, bias, r, norm, add)
 
 
 class PA(nn.Module):

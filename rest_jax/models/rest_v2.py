@@ -47,11 +47,12 @@ class Attention(nn.Module):
 
         # The official code reshapes v (B, heads, M, hd) to (B, C, H/sr, W/sr): channel = head * hd + d,
         # which is exactly the (heads, hd) order of our last axis.
-        # The branch's LayerNorm (up_norm) is per pixel: applied before the crop, it gives the same pixels.
+        # The branch, its LayerNorm (up_norm) and the sum with the attention output, as one op; the norm
+        # is per pixel, so the crop to the h x w token grid comes after it with the same pixels.
         up_norm = layers.LayerNormParams(name='up_norm')(c)
-        identity = layers.DepthwiseUpsample(r, dtype=self.dtype, name='up_0')(
-            v.reshape(b, hr, wr, c), norm=(*up_norm, LN_EPS))[:, :h, :w]
-        return layers.dense(c, dtype=self.dtype, name='proj')(out + identity)
+        out = layers.DepthwiseUpsample(r, dtype=self.dtype, name='up_0')(
+            v.reshape(b, hr, wr, c), norm=(*up_norm, LN_EPS), add=out)
+        return layers.dense(c, dtype=self.dtype, name='proj')(out)
 
 
 class Block(nn.Module):

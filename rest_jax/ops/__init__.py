@@ -45,10 +45,12 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> ja
     return _forms().depthwise_conv(x, kernel, stride, pad)
 
 
-def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple | None = None) -> jax.Array:
+def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple | None = None,
+             add: jax.Array | None = None) -> jax.Array:
     """ResTv2's upsample branch: depthwise 3x3 to C * r * r channels, bias, PixelShuffle(r); with `norm`
-    (scale, bias, eps), then a LayerNorm over C in x's dtype (one op, so that a form can fuse the two)."""
-    return _forms().upsample(x, kernel, bias, ratio, norm)
+    (scale, bias, eps), then a LayerNorm over C in x's dtype; with `add` (B, H, W, C), add + the branch
+    cropped to H x W (one op, so that a form can fuse the three)."""
+    return _forms().upsample(x, kernel, bias, ratio, norm, add)
 
 
 def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, dtype,

@@ -278,12 +278,12 @@ _strided_depthwise = _differentiated_as(
 
 # --- ResTv2's upsample branch ---------------------------------------------------------------------
 
-def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple | None = None) -> jax.Array:
+def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple | None = None,
+             add: jax.Array | None = None) -> jax.Array:
     """`portable.upsample` with each of the nine taps written straight into the shuffled
     (B, H, r, W, r, C) layout: no (B, H, W, C, r * r) intermediate and no pixel-shuffle transpose; with
     `norm`, then this module's `layer_norm`."""
-    y = _upsample(x, kernel, bias, ratio)
-    return y if norm is None else layer_norm(y, *norm, y.dtype)
+    return portable.finish_upsample(_upsample(x, kernel, bias, ratio), norm, add, layer_norm)
 
 
 def _upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:

@@ -41,14 +41,22 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> ja
                                     dimension_numbers=_NHWC, feature_group_count=x.shape[-1])
 
 
-def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple | None = None) -> jax.Array:
+def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple | None = None,
+             add: jax.Array | None = None) -> jax.Array:
     """ResTv2's upsample branch: depthwise 3x3 conv (pad 1) to C * r * r channels, bias, PixelShuffle(r).
 
     kernel (3, 3, 1, C * r * r) and bias (C * r * r,) as `nn.Conv2d(C, C * r * r, 3, padding=1, groups=C)`.
-    With `norm` (scale, bias, eps): then `layer_norm` over C, in x's dtype (the branch's `up_norm`).
+    With `norm` (scale, bias, eps): then `layer_norm` over C, in x's dtype (the branch's `up_norm`). With
+    `add` (B, H, W, C): add + the branch's first H rows and W columns (EMSA's attention output + its
+    branch, cropped to the token grid).
     """
-    y = pixel_shuffle(depthwise_conv(x, kernel, 1, 1) + bias, ratio)
-    return y if norm is None else layer_norm(y, *norm, y.dtype)
+    return finish_upsample(pixel_shuffle(depthwise_conv(x, kernel, 1, 1) + bias, ratio), norm, add, layer_norm)
+
+
+def finish_upsample(y: jax.Array, norm: tuple | None, add: jax.Array | None, norm_form) -> jax.Array:
+    """The upsample branch's output y with `upsample`'s `norm` (by `norm_form`, a `layer_norm`) and `add`."""
+    y = y if norm is None else norm_form(y, *norm, y.dtype)
+    return y if add is None else add + y[:, :add.shape[1], :add.shape[2]]
 
 
 def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:

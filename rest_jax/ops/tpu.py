@@ -53,16 +53,18 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array
 TRANSPOSED_RATIOS = (4, 8)
 
 
-def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple | None = None) -> jax.Array:
-    """ResTv2's upsample branch with its LayerNorm (`norm`) as Pallas kernels that write only the
-    normalised output (`tpu_upsample`), where a block of images fits VMEM and the batch can be split
-    (as `attention`). Elsewhere, and without `norm`: `_upsample`, then the portable LayerNorm."""
+def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple | None = None,
+             add: jax.Array | None = None) -> jax.Array:
+    """ResTv2's upsample branch with its LayerNorm (`norm`) and the sum with `add` as Pallas kernels
+    that write only that sum (`tpu_upsample`), where a block of images fits VMEM, the batch can be split
+    (as `attention`) and nothing is cropped. Elsewhere, and without `norm`: `_upsample`, then the
+    portable LayerNorm and sum."""
     b, h, w, c = x.shape
     if (norm is not None and pallas_lowering.splittable()
+            and (add is None or (add.shape[1:3] == (h * ratio, w * ratio) and add.dtype == x.dtype))
             and tpu_upsample.images_per_step(pallas_lowering.local_batch(b), h, w, c, ratio, x.dtype.itemsize)):
-        return tpu_upsample.upsample_norm(x, kernel, bias, ratio, norm)
-    y = _upsample(x, kernel, bias, ratio)
-    return y if norm is None else layer_norm(y, *norm, y.dtype)
+        return tpu_upsample.upsample_norm(x, kernel, bias, ratio, norm, add)
+    return portable.finish_upsample(_upsample(x, kernel, bias, ratio), norm, add, layer_norm)
 
 
 def _upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:

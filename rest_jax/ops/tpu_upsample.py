@@ -66,12 +66,14 @@ def images_per_step(b, h: int, w: int, c: int, r: int, itemsize: int) -> int | N
     return None
 
 
-def upsample_norm(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple) -> jax.Array:
+def upsample_norm(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple,
+                  add: jax.Array | None = None) -> jax.Array:
     """LayerNorm(PixelShuffle(depthwise 3x3 conv of x to C r r channels + bias)), x (B, h, w, C) ->
-    (B, h r, w r, C) in x's dtype. kernel (3, 3, 1, C r r) and bias (C r r,) as `portable.upsample`;
-    norm (scale, bias, eps) as `portable.layer_norm`. Callers check `images_per_step` first."""
+    (B, h r, w r, C) in x's dtype, plus `add` (B, h r, w r, C) if given (summed in float32, rounded
+    once). kernel (3, 3, 1, C r r) and bias (C r r,) as `portable.upsample`; norm (scale, bias, eps)
+    as `portable.layer_norm`. Callers check `images_per_step` first."""
     scale, shift, eps = norm
-    return _upsample_norm(x, kernel, bias, scale, shift, ratio, eps)
+    return _upsample_norm(x, kernel, bias, scale, shift, add, ratio, eps)
 
 
 def _params(kernel, bias, scale, shift, c, r):
@@ -114,14 +116,16 @@ def _normalised(u, eps):
     return d * rstd, rstd
 
 
-def _forward_kernel(v_ref, w_ref, b_ref, s_ref, t_ref, o_ref, taps, *, r, eps):
+def _forward_kernel(v_ref, w_ref, b_ref, s_ref, t_ref, *refs, r, eps):
+    a_ref, o_ref, taps = refs if len(refs) == 3 else (None, *refs)   # the array to add, if any
     _load_taps(v_ref, taps, pl.program_id(2), pl.num_programs(2))
     scale, shift = s_ref[...], t_ref[...]
 
     def pixel(x, carry):
         for j in range(r):
             y_hat, _ = _normalised(_conv(taps, w_ref, b_ref, x, j), eps)
-            o_ref[x * r + j] = (y_hat * scale + shift).astype(o_ref.dtype)
+            y = y_hat * scale + shift
+            o_ref[x * r + j] = (y if a_ref is None else y + a_ref[x * r + j].astype(jnp.float32)).astype(o_ref.dtype)
         return carry
 
     lax.fori_loop(0, taps.shape[1] - 2, pixel, 0)
@@ -191,18 +195,18 @@ def _specs(v, h, r, images):
             (b // images, r, h))
 
 
-def _forward_call(v, w, b, s, t, *, h, r, eps, images, interpret):
+def _forward_call(v, w, b, s, t, *add, h, r, eps, images, interpret):
     m, batch, c = v.shape
     ins, out, grid = _specs(v, h, r, images)
     n = batch * m * r * r * c
-    cost = pallas_lowering.cost(batch, flops=30 * n, transcendentals=batch * m * r * r,
-                                bytes_accessed=v.dtype.itemsize * (v.size + n))
+    cost = pallas_lowering.cost(batch, flops=(30 + len(add)) * n, transcendentals=batch * m * r * r,
+                                bytes_accessed=v.dtype.itemsize * (v.size + (1 + len(add)) * n))
     return pl.pallas_call(
-        functools.partial(_forward_kernel, r=r, eps=eps), grid=grid, in_specs=ins, out_specs=out,
+        functools.partial(_forward_kernel, r=r, eps=eps), grid=grid, in_specs=ins + [out] * len(add), out_specs=out,
         out_shape=jax.ShapeDtypeStruct((m * r * r, batch, c), v.dtype),
         scratch_shapes=[pltpu.VMEM((3, m // h + 2, images, c), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel', 'parallel')),
-        cost_estimate=cost, interpret=interpret, name='upsample_norm')(v, w, b, s, t)
+        cost_estimate=cost, interpret=interpret, name='upsample_norm')(v, w, b, s, t, *add)
 
 
 def _backward_call(v, w, b, s, t, g, *, h, r, eps, images, interpret):
@@ -231,41 +235,44 @@ def _backward_call(v, w, b, s, t, g, *, h, r, eps, images, interpret):
         cost_estimate=cost, interpret=interpret, name='upsample_norm_backward')(v, w, b, s, t, g)
 
 
-def _split(local, b, n_args):
-    """local(x, ...) over the batch split across the mesh in context (`jax.shard_map`): the first
-    `n_args` arguments and every result split along axis 0, the parameters after them replicated."""
+def _split(local, b, n_params, n_args):
+    """local(params..., x, ...) over the batch split across the mesh in context (`jax.shard_map`): the
+    first `n_params` arguments replicated, the `n_args` after them and every result split along axis 0."""
     axes = pallas_lowering.batch_axes(b)
     if not axes:
         return local
-    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=(*[P(axes)] * n_args, *[P()] * 4),
-                         out_specs=P(axes), check_vma=False)
+    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                         in_specs=(*[P()] * n_params, *[P(axes)] * n_args), out_specs=P(axes), check_vma=False)
 
 
-def _forward(x, kernel, bias, scale, shift, r, eps):
+def _forward(x, kernel, bias, scale, shift, add, r, eps):
     b, h, w, c = x.shape
     params = _params(kernel, bias, scale, shift, c, r)
+    add = [] if add is None else [add]
 
-    def local(x, *params):
+    def local(*args):
+        (x, *add), params = args[4:], args[:4]
         call = functools.partial(_forward_call, h=h, r=r, eps=eps,
                                  images=images_per_step(x.shape[0], h, w, c, r, x.dtype.itemsize))
-        out = pallas_lowering.on_platform(call, _tokens(x), *params)          # (h r w r, B, C)
+        out = pallas_lowering.on_platform(call, _tokens(x), *params, *map(_tokens, add))   # (h r w r, B, C)
         return jnp.swapaxes(out, 0, 1).reshape(-1, h * r, w * r, c)         # XLA's own layout: no copy
 
-    return _split(local, b, 1)(x, *params)
+    return _split(local, b, 4, 1 + len(add))(*params, x, *add)
 
 
 def _backward(x, kernel, bias, scale, shift, g, r, eps):
     b, h, w, c = x.shape
     params = _params(kernel, bias, scale, shift, c, r)
 
-    def local(x, g, *params):
+    def local(*params_x_g):
+        *params, x, g = params_x_g
         call = functools.partial(_backward_call, h=h, r=r, eps=eps,
                                  images=images_per_step(x.shape[0], h, w, c, r, x.dtype.itemsize))
         g = jnp.swapaxes(g.reshape(g.shape[0], -1, c), 0, 1)
         dv, dw, db, dst = pallas_lowering.on_platform(call, _tokens(x), *params, g)
         return jnp.swapaxes(dv, 0, 1).reshape(x.shape), dw, db, dst
 
-    dx, dw, db, dst = _split(local, b, 2)(x, g, *params)
+    dx, dw, db, dst = _split(local, b, 4, 2)(*params, x, g)
     dw = dw.sum(0).reshape(r, r, 3, 3, c).transpose(2, 3, 4, 0, 1).reshape(kernel.shape)   # [dy, dx, 0, c r r + i r + j]
     db = db.sum(0).transpose(2, 0, 1).reshape(bias.shape)
     dscale, dshift = dst.sum(0)
@@ -273,17 +280,20 @@ def _backward(x, kernel, bias, scale, shift, g, r, eps):
             dshift.astype(shift.dtype).reshape(shift.shape))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _upsample_norm(x, kernel, bias, scale, shift, r, eps):
-    return _forward(x, kernel, bias, scale, shift, r, eps)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _upsample_norm(x, kernel, bias, scale, shift, add, r, eps):
+    return _forward(x, kernel, bias, scale, shift, add, r, eps)
 
 
-def _upsample_norm_fwd(x, kernel, bias, scale, shift, r, eps):
-    return _forward(x, kernel, bias, scale, shift, r, eps), (x, kernel, bias, scale, shift)
+def _upsample_norm_fwd(x, kernel, bias, scale, shift, add, r, eps):
+    out = _forward(x, kernel, bias, scale, shift, add, r, eps)
+    return out, (x, kernel, bias, scale, shift, None if add is None else jnp.zeros((), add.dtype))
 
 
 def _upsample_norm_bwd(r, eps, residuals, g):
-    return _backward(*residuals, g.astype(residuals[0].dtype), r, eps)
+    *residuals, added = residuals             # a scalar of the added array's dtype, or None
+    grads = _backward(*residuals, g.astype(residuals[0].dtype), r, eps)
+    return (*grads, None if added is None else g.astype(added.dtype))   # d add = the output's gradient
 
 
 _upsample_norm.defvjp(_upsample_norm_fwd, _upsample_norm_bwd)
