@@ -46,11 +46,10 @@ MLP_BLOCKS = {'restv2_tiny stage 1': (2, 96, 1, 8, 56), 'restv2_tiny stage 2': (
 
 
 def _normed(branch):
-    """An upsample form `branch(x, kernel, bias, ratio)` with the `norm` argument of `ops.upsample`:
-    the portable LayerNorm after it."""
-    def form(x, kernel, bias, ratio, norm=None):
-        y = branch(x, kernel, bias, ratio)
-        return y if norm is None else portable.layer_norm(y, *norm, y.dtype)
+    """An upsample form `branch(x, kernel, bias, ratio)` with the `norm` and `add` arguments of
+    `ops.upsample`: the portable LayerNorm and sum after it."""
+    def form(x, kernel, bias, ratio, norm=None, add=None):
+        return portable.finish_upsample(branch(x, kernel, bias, ratio), norm, add, portable.layer_norm)
     return form
 
 

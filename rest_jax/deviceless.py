@@ -282,8 +282,11 @@ def compile_for_target(target: str, name: str = 'restv2_tiny', mode: str = 'trai
         detail = step_lib.out_of_memory(e)
         if detail is None:
             raise
+        what = ("a kernel's blocks do not fit the chip's on-chip memory (VMEM), whatever the batch: report it, "
+                'and use --impl xla (the portable forms) meanwhile' if 'memory space vmem' in detail
+                else 'use --remat block or a smaller --batch-per-chip')
         raise TargetError(f'{name} ({mode}, {batch_size // n} images per chip) does not fit {target}: {detail}; '
-                          f'use --remat block or a smaller --batch-per-chip') from None
+                          f'{what}') from None
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
     return CompiledTarget(compiled, mesh, model, config, mode, target, params, lower_s,
                           time.perf_counter() - start - lower_s)

@@ -193,6 +193,35 @@ def test_attention_kernels_take_the_queries_as_xla_lays_them_out():
     assert not shuffles, [(row['shape'], row['source']) for row in shuffles]
 
 
+@needs_libtpu
+def test_kernels_fit_the_vmem_of_a_v4_core():
+    """v4's cores have 16 MiB of VMEM: the gradient of ResTv2's widest blocks (stages 3 and 4 of
+    restv2_tiny, 384 and 768 channels) compiles there with every kernel (Mosaic refused the attention
+    kernels' 16- and 8-image blocks, sized for later chips), the attention on smaller blocks than on
+    v5p."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import jax.numpy as jnp
+    from rest_jax import ops
+    from rest_jax.models import rest_v2
+    from rest_jax.ops import tpu_attention
+    mesh = Mesh(np.array(deviceless.topology_devices('v4:2x2x1')), ('data',))
+    for heads, ratio, side, c in [(4, 2, 14, 384), (8, 1, 7, 768)]:
+        block = rest_v2.Block(heads, ratio, 0.0, jnp.bfloat16)
+        x = jax.ShapeDtypeStruct((4 * 32, side, side, c), jnp.bfloat16, sharding=NamedSharding(mesh, P('data')))
+        params = jax.eval_shape(block.init, jax.random.key(0), jnp.zeros((1, side, side, c), jnp.bfloat16))
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())), params)
+
+        def loss(params, x):
+            with ops.kernel_forms('tpu'):
+                return jnp.sum(jnp.square(block.apply(params, x).astype(jnp.float32)))
+        with jax.set_mesh(mesh):
+            plan = tpu_attention.plan(32, side * side, c, 49, 2)
+            rows = hlo_stats.op_bytes(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text())
+        kernels = {row['source'].split('/')[-2] for row in rows if row['op'] == 'custom-call' and '/' in row['source']}
+        assert {'emsa_attention', 'emsa_attention_backward', 'upsample_norm', 'upsample_norm_backward'} <= kernels
+        assert plan != tpu_attention.plan(32, side * side, c, 49, 2)   # (v5p's, traced outside the mesh)
+
+
 def test_sources_of_rematerialised_ops():
     """An op that jax.checkpoint recomputes (remat) is attributed to its layer, as the rest."""
     prefix = 'jit(train_step)/transpose(jvp(ResTV2))/ResTV2.forward_features/stage4_0/mlp/fc2'

@@ -53,6 +53,19 @@ def local_batch(batch: int) -> int:
     return batch // jax.sharding.get_abstract_mesh().size if batch_axes(batch) else batch
 
 
+# TPU generations whose cores have 16 MiB of VMEM (later ones have several times more): the kernels
+# keep their blocks smaller there.
+SMALL_VMEM_KINDS = ('TPU v2', 'TPU v3', 'TPU v4')
+
+
+def small_vmem() -> bool:
+    """Whether the program is traced for TPU cores with 16 MiB of VMEM: the device kind of the mesh in
+    context (its abstract device), else of the default device."""
+    device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
+    kind = device.device_kind if device is not None else jax.devices()[0].device_kind
+    return kind.startswith(SMALL_VMEM_KINDS)
+
+
 LANES = 128   # a vector register's lanes
 
 
