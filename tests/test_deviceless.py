@@ -90,7 +90,8 @@ def test_train_step_for_a_tpu_slice(fsdp2):
     kernels = sorted(row['source'].split('/')[0] + ' ' + row['source'].split('/')[-2]
                      for row in rows if row['op'] == 'custom-call')
     assert kernels == sorted(f'{p}stage{i}_0 {k}{b}' for i in range(1, 5)
-                             for k in ('emsa_attention', 'mlp', 'upsample_norm') for p, b in [('', ''), ('bwd ', '_backward')]), kernels
+                             for k in ('emsa_attention', 'mlp', 'upsample_norm')
+                             for p, b in [('', ''), ('bwd ', '_backward')]), kernels
     around = [row for row in rows if row['op'] != 'custom-call' and ('/mlp/' in row['source'] or '/norm2' in row['source'])
               and row['shape'].count(',') >= 2]
     assert around == [], around   # only the weights (2-D), cast to bfloat16 and transposed
@@ -209,7 +210,8 @@ def test_kernels_fit_the_vmem_of_a_v4_core():
         block = rest_v2.Block(heads, ratio, 0.0, jnp.bfloat16)
         x = jax.ShapeDtypeStruct((4 * 32, side, side, c), jnp.bfloat16, sharding=NamedSharding(mesh, P('data')))
         params = jax.eval_shape(block.init, jax.random.key(0), jnp.zeros((1, side, side, c), jnp.bfloat16))
-        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())), params)
+        replicated = NamedSharding(mesh, P())
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), params)
 
         def loss(params, x):
             with ops.kernel_forms('tpu'):

@@ -258,7 +258,8 @@ def test_tpu_upsample_where_the_kernels_run():
     run. Without the norm, the branch alone is never a kernel."""
     per_step = tpu_upsample.images_per_step
     for per_chip in (128, 32):
-        assert [per_step(per_chip, 7, 7, c, r, 2) for c, r in [(96, 8), (192, 4), (384, 2), (768, 1)]] == [32, 32, 32, 16]
+        stages = [(96, 8), (192, 4), (384, 2), (768, 1)]
+        assert [per_step(per_chip, 7, 7, c, r, 2) for c, r in stages] == [32, 32, 32, 16]
     assert per_step(128, 12, 12, 96, 8, 2) == 16
     assert per_step(6, 7, 7, 384, 2, 4) == 6
     assert per_step(jax.export.symbolic_shape('b')[0], 7, 7, 96, 8, 2) is None
@@ -267,7 +268,8 @@ def test_tpu_upsample_where_the_kernels_run():
 
     def primitives(batch, h, w, norm=True):
         x = jax.ShapeDtypeStruct((batch, h, w, 96), jnp.bfloat16)
-        kernel, bias = jax.ShapeDtypeStruct((3, 3, 1, 96 * 64), jnp.bfloat16), jax.ShapeDtypeStruct((96 * 64,), jnp.bfloat16)
+        kernel = jax.ShapeDtypeStruct((3, 3, 1, 96 * 64), jnp.bfloat16)
+        bias = jax.ShapeDtypeStruct((96 * 64,), jnp.bfloat16)
         ln = jax.ShapeDtypeStruct((96,), jnp.float32)
 
         def loss(*args):
@@ -281,9 +283,10 @@ def test_tpu_upsample_where_the_kernels_run():
     kernel, bias = jax.ShapeDtypeStruct((3, 3, 1, 64), jnp.float32), jax.ShapeDtypeStruct((64,), jnp.float32)
     for side, kernels in [(14, True), (13, False)]:
         add = jax.ShapeDtypeStruct((8, side, side, 16), jnp.float32)
-        out = jax.eval_shape(lambda *a: tpu.upsample(*a[:3], 2, (*a[3:5], 1e-6), a[5]), x, kernel, bias, ln, ln, add)
-        assert out.shape == add.shape
-        jaxpr = str(jax.make_jaxpr(lambda *a: tpu.upsample(*a[:3], 2, (*a[3:5], 1e-6), a[5]))(x, kernel, bias, ln, ln, add))
+        def branch(*a):
+            return tpu.upsample(*a[:3], 2, (*a[3:5], 1e-6), a[5])
+        assert jax.eval_shape(branch, x, kernel, bias, ln, ln, add).shape == add.shape
+        jaxpr = str(jax.make_jaxpr(branch)(x, kernel, bias, ln, ln, add))
         assert ('pallas_call' in jaxpr) == kernels
 
 

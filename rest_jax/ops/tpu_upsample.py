@@ -1,4 +1,5 @@
-"""ResTv2's upsample branch and the LayerNorm after it as one Pallas kernel per pass on TPU.
+"""ResTv2's upsample branch, the LayerNorm after it and its sum with EMSA's attention output as one
+Pallas kernel per pass on TPU.
 
 The branch takes EMSA's reduced values v (B, h, w, C), a depthwise 3x3 conv to C r r channels,
 PixelShuffle(r) and a LayerNorm over C: output pixel (y r + i, x r + j) of channel c is
@@ -7,12 +8,15 @@ PixelShuffle(r) and a LayerNorm over C: output pixel (y r + i, x r + j) of chann
 
 XLA writes the conv's C r r channels, copies them into the shuffled layout, then reads them for the
 norm's statistics and again for the norm, and its backward pass makes as many copies the other way.
-Here the forward kernel reads v (a few KB per image) and writes the normalised (B, h r, w r, C) output
-once; the backward kernel reads v and the output's gradient, recomputes the branch, and gives v's
-gradient and the partial sums of the parameters' gradients. Nothing the size of the output is kept or
-written but the output. The arithmetic is the portable form's up to float rounding: products and sums
-in float32, the norm's statistics from the float32 conv output (the portable form rounds it to the
-compute dtype first), the two-pass variance.
+Here the forward kernel reads v (a few KB per image) and the array to add (EMSA's attention output,
+proj's other input), and writes their sum with the normalised (B, h r, w r, C) branch once; the
+backward kernel reads v and the output's gradient (which is also the added array's), recomputes the
+branch, and gives v's gradient and the partial sums of the parameters' gradients. Nothing the size of
+the output is kept or written but the output (XLA, given the branch alone, summed it with the
+attention output in an op of its own). The arithmetic is the portable form's up to float rounding:
+products and sums in float32, the norm's statistics from the float32 conv output and the sum rounded
+once (the portable form rounds the conv's output and the branch to the compute dtype first), the
+two-pass variance.
 
 Layout: the values, the output and the gradients go tokens-major, (h w, B, C) and (h r w r, B, C) in
 memory, XLA's own layout of a block's activations wherever the channels are minor (the attention
@@ -273,7 +277,8 @@ def _backward(x, kernel, bias, scale, shift, g, r, eps):
         return jnp.swapaxes(dv, 0, 1).reshape(x.shape), dw, db, dst
 
     dx, dw, db, dst = _split(local, b, 4, 2)(*params, x, g)
-    dw = dw.sum(0).reshape(r, r, 3, 3, c).transpose(2, 3, 4, 0, 1).reshape(kernel.shape)   # [dy, dx, 0, c r r + i r + j]
+    # [dy, dx, 0, c r r + i r + j]
+    dw = dw.sum(0).reshape(r, r, 3, 3, c).transpose(2, 3, 4, 0, 1).reshape(kernel.shape)
     db = db.sum(0).transpose(2, 0, 1).reshape(bias.shape)
     dscale, dshift = dst.sum(0)
     return (dx, dw.astype(kernel.dtype), db.astype(bias.dtype), dscale.astype(scale.dtype).reshape(scale.shape),
