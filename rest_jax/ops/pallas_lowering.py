@@ -53,17 +53,20 @@ def local_batch(batch: int) -> int:
     return batch // jax.sharding.get_abstract_mesh().size if batch_axes(batch) else batch
 
 
-# TPU generations whose cores have 16 MiB of VMEM (later ones have several times more): the kernels
-# keep their blocks smaller there.
+# Bytes of VMEM a kernel's grid step may take, as the kernels estimate it (blocks, their second buffers,
+# scratch), and on TPU generations whose cores have 16 MiB of VMEM (later ones have several times
+# more): on v4, 12 MB of estimate overran the 16 MiB in the attention kernels of stages 3 and 4.
+VMEM_BUDGET = 12 << 20
+SMALL_VMEM_BUDGET = 8 << 20
 SMALL_VMEM_KINDS = ('TPU v2', 'TPU v3', 'TPU v4')
 
 
-def small_vmem() -> bool:
-    """Whether the program is traced for TPU cores with 16 MiB of VMEM: the device kind of the mesh in
-    context (its abstract device), else of the default device."""
+def vmem_budget() -> int:
+    """VMEM_BUDGET, or SMALL_VMEM_BUDGET where the program is traced for cores with 16 MiB of VMEM: the
+    device kind of the mesh in context (its abstract device), else of the default device."""
     device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
     kind = device.device_kind if device is not None else jax.devices()[0].device_kind
-    return kind.startswith(SMALL_VMEM_KINDS)
+    return SMALL_VMEM_BUDGET if kind.startswith(SMALL_VMEM_KINDS) else VMEM_BUDGET
 
 
 LANES = 128   # a vector register's lanes

@@ -38,8 +38,6 @@ from jax.sharding import PartitionSpec as P
 from rest_jax.ops import pallas_lowering
 
 _BLOCK_ELEMENTS = 1 << 18   # queries x max(channels, keys) per grid step: ~1 MB of float32 logits
-_VMEM_BUDGET = 12 << 20     # bytes of VMEM a grid step of the image-block kernels may take, as estimated here,
-_SMALL_VMEM_BUDGET = 8 << 20   # and on cores with 16 MiB of VMEM (v4: 12 MB overran it in stages 3 and 4)
 _IMAGE_BLOCKS = (16, 8)     # images per grid step in XLA's tokens-major layout: whole (8, 128) tiles
 
 
@@ -68,15 +66,15 @@ def image_block(b, n: int, c: int, m: int, itemsize: int) -> tuple[int, int] | N
     (and the keys and values as (M, B, C)) spares the relayout copies of q and of the output in each
     pass; from the batch-minor layout XLA copies q, the output and its gradient, one copy fewer than
     into rows (one ResTv2 block's training step at 128 images per v5p chip, XLA's estimate: stage 1
-    2.78 -> 2.70 ms, stage 2 2.33 -> 2.27 ms). The images per step are 16 or 8 (whole tiles
-    of the batch axis) or all of a smaller batch, with their keys and values (and, backward, their
-    gradients) within _VMEM_BUDGET (_SMALL_VMEM_BUDGET on v4 and older); the queries per step, a
-    divisor of n within _BLOCK_ELEMENTS as for rows."""
+    2.78 -> 2.70 ms, stage 2 2.33 -> 2.27 ms). The images per step are 16 or 8 (whole tiles of the
+    batch axis) or all of a smaller batch, with their keys and values (and, backward, their gradients)
+    within `pallas_lowering.vmem_budget()`; the queries per step, a divisor of n within _BLOCK_ELEMENTS
+    as for rows."""
     if not isinstance(b, int):
         return None
     ceil = lambda x, k: -(-x // k) * k  # noqa: E731
     cp, mp = ceil(c, 128), ceil(m, 16)
-    budget = _SMALL_VMEM_BUDGET if pallas_lowering.small_vmem() else _VMEM_BUDGET
+    budget = pallas_lowering.vmem_budget()
     for images in [i for i in _IMAGE_BLOCKS if b % i == 0] or ([b] if b < _IMAGE_BLOCKS[0] else []):
         keys = (2 * 2 * m * images * cp * 2 * itemsize              # k, v and their gradients, two buffers each
                 + images * mp * cp * 2 * (itemsize + 4))            # image-major copies, the gradients in float32

@@ -47,7 +47,6 @@ from jax.sharding import PartitionSpec as P
 
 from rest_jax.ops import pallas_lowering
 
-_VMEM_BUDGET = 12 << 20     # bytes of VMEM a grid step may take (v4: 16 MiB)
 _IMAGES = (32, 16, 8)       # images per grid step: whole (8, 128) tiles of the batch axis
 _TAPS = [(dy, dx) for dy in range(3) for dx in range(3)]
 
@@ -55,17 +54,18 @@ _TAPS = [(dy, dx) for dy in range(3) for dx in range(3)]
 def images_per_step(b, h: int, w: int, c: int, r: int, itemsize: int) -> int | None:
     """Images per grid step for `b` images of h x w reduced values with C channels at ratio r: the most
     of 32, 16 and 8 that divide b (or all of a smaller batch) whose blocks, buffers and float32 scratch
-    fit _VMEM_BUDGET in the backward pass; None where none does or the batch is symbolic."""
+    fit `pallas_lowering.vmem_budget()` in the backward pass; None where none does or the batch is
+    symbolic."""
     if not isinstance(b, int):
         return None
-    cp = -(-c // 128) * 128
+    cp, budget = -(-c // 128) * 128, pallas_lowering.vmem_budget()
     for i in [n for n in _IMAGES if b % n == 0] or ([b] if b < _IMAGES[-1] else []):
         tile = i * cp
         need = (2 * h * w * tile * itemsize                 # the values, two buffers
                 + 2 * 2 * w * r * tile * itemsize           # the output gradient's block, two buffers; dv's
                 + 2 * h * w * tile * itemsize
                 + 4 * tile * (3 * (w + 2) + (h + 2) * (w + 2) + 10 * r + 2))   # float32 scratch
-        if need <= _VMEM_BUDGET:
+        if need <= budget:
             return i
     return None
 
