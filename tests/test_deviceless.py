@@ -82,16 +82,20 @@ def test_train_step_for_a_tpu_slice(fsdp2):
     gathered = {s.removeprefix('bwd ').rsplit('/', 1)[0] for s in gathers['sources']}
     assert layers and gathered == layers, (gathered, layers)
     # The attention, the upsample branch with its norm and the MLP (at most 128 channels: every stage of
-    # this model) of every block run as the Pallas kernels, forward and backward, on each chip's own
+    # this model) of every block, and the stem's and patch embeddings' pixel attention with its norm, run
+    # as the Pallas kernels, forward and backward, on each chip's own
     # images (split by hand: XLA would gather a custom call's whole batch, which the check above
     # excludes); the MLP kernels (with norm2 inside) read XLA's batch-minor layout as it is: no op on an
     # activation around them, copy or other.
     rows = hlo_stats.op_bytes(ct.compiled.as_text())
     kernels = sorted(row['source'].split('/')[0] + ' ' + row['source'].split('/')[-2]
                      for row in rows if row['op'] == 'custom-call')
-    assert kernels == sorted(f'{p}stage{i}_0 {k}{b}' for i in range(1, 5)
-                             for k in ('emsa_attention', 'mlp', 'upsample_norm')
-                             for p, b in [('', ''), ('bwd ', '_backward')]), kernels
+    embeddings = ['stem', 'patch_2', 'patch_3', 'patch_4']
+    assert kernels == sorted([f'{p}stage{i}_0 {k}{b}' for i in range(1, 5)
+                              for k in ('emsa_attention', 'mlp', 'upsample_norm')
+                              for p, b in [('', ''), ('bwd ', '_backward')]]
+                             + [f'{p}{e} pixel_attention{b}' for e in embeddings
+                                for p, b in [('', ''), ('bwd ', '_backward')]]), kernels
     around = [row for row in rows if row['op'] != 'custom-call' and ('/mlp/' in row['source'] or '/norm2' in row['source'])
               and row['shape'].count(',') >= 2]
     assert around == [], around   # only the weights (2-D), cast to bfloat16 and transposed
@@ -106,8 +110,8 @@ def test_train_step_for_a_tpu_slice(fsdp2):
 
 @needs_libtpu
 def test_inference_over_several_chips_with_and_without_a_mesh_in_context(monkeypatch):
-    """`jax.jit` inference of a batch split over four chips: under `jax.set_mesh` the attention kernels
-    and the upsample branch's run on each chip's own images (no collective), and the MLP is XLA's own
+    """`jax.jit` inference of a batch split over four chips: under `jax.set_mesh` the attention kernels,
+    the upsample branch's and pixel attention's run on each chip's own images (no collective), and the MLP is XLA's own
     form (one fusion, when it is not differentiated); with no mesh in context, on a host with several
     chips, the portable forms run (XLA's partitioner cannot split a Pallas call), so it compiles."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -122,7 +126,8 @@ def test_inference_over_several_chips_with_and_without_a_mesh_in_context(monkeyp
         text = jax.jit(model.apply).lower(variables, images).compile().as_text()
     kernels = sorted(row['source'].split('/')[0] + ' ' + row['source'].split('/')[-2]
                      for row in hlo_stats.op_bytes(text) if row['op'] == 'custom-call')
-    assert kernels == [f'stage{i}_0 {k}' for i in range(1, 5) for k in ('emsa_attention', 'upsample_norm')], kernels
+    assert kernels == sorted([f'stage{i}_0 {k}' for i in range(1, 5) for k in ('emsa_attention', 'upsample_norm')]
+                             + [f'{e} pixel_attention' for e in ('stem', 'patch_2', 'patch_3', 'patch_4')]), kernels
     assert hlo_stats.collectives(text) == {}
     monkeypatch.setattr(jax, 'device_count', lambda *a: 4)   # this host's four TPU chips
     text = jax.jit(model.apply).lower(variables, images).compile().as_text()

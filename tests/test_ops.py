@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from unittest import mock
 
 import jax
 import jax.extend
@@ -15,7 +16,7 @@ import pytest
 
 import rest_jax
 from rest_jax import ops
-from rest_jax.ops import cpu, cpu_isa, portable, tpu, tpu_attention, tpu_mlp, tpu_upsample
+from rest_jax.ops import cpu, cpu_isa, portable, tpu, tpu_attention, tpu_mlp, tpu_pa, tpu_upsample
 
 FORMS = {'cpu': cpu, 'xla': portable, 'tpu': tpu}
 
@@ -290,6 +291,73 @@ def test_tpu_upsample_where_the_kernels_run():
         assert ('pallas_call' in jaxpr) == kernels
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_tpu_pixel_attention_kernels_equal_the_portable_form(monkeypatch, dtype):
+    """The Pallas pixel attention, with its LayerNorm and without (run by Pallas's interpreter here),
+    against `portable.pixel_attention`: the output and the gradients of x, the conv's kernel and bias and
+    the norm's scale and bias. Blocks of rows with halo rows above and below (the first, middle and last
+    blocks), whole images, rows taken in several pieces, two steps of images (the parameters' gradients
+    summed over both). In bfloat16 both are held to the float32 form on the same rounded inputs."""
+    monkeypatch.setattr(tpu_pa, '_IMAGES', (4,))     # two steps of images
+    monkeypatch.setattr(tpu_pa, '_PIECE', 4)         # rows of 12 in three pieces
+    dt = jnp.dtype(dtype)
+    for (h, w), c, plan in [((6, 12), 16, (4, 2, 2)), ((8, 5), 24, (4, 4, 1)), ((7, 7), 40, (4, 7, 7))]:
+        monkeypatch.setattr(tpu_pa, 'plan', lambda b, h_, w_, c_, size, plan=plan: plan)
+        keys = jax.random.split(jax.random.key(h), 6)
+        x = (2 * jax.random.normal(keys[0], (8, h, w, c)) + jnp.arange(c) / c).astype(dt)
+        kernel, bias = 0.5 * jax.random.normal(keys[1], (3, 3, 1, c)), 0.5 * jax.random.normal(keys[2], (c,))
+        scale, shift = 1 + 0.3 * jax.random.normal(keys[3], (c,)), 0.3 * jax.random.normal(keys[4], (c,))
+        g = jax.random.normal(keys[5], x.shape, dt)
+        for norm in (True, False):
+            def outputs(form, x, kernel, bias, scale, shift):
+                out, vjp = jax.vjp(lambda *a: form(*a[:3], (*a[3:], 1e-6) if norm else None), x, kernel, bias, scale, shift)
+                return (out, *vjp(g.astype(out.dtype)))
+            args = (x, kernel.astype(dt), bias.astype(dt), scale, shift)
+            # forward and backward kernels, each as Mosaic's and the interpreter's (lax.platform_dependent)
+            assert str(jax.make_jaxpr(outputs, static_argnums=0)(tpu.pixel_attention, *args)).count('pallas_call') == 4
+            got = jax.jit(outputs, static_argnums=0)(tpu.pixel_attention, *args)
+            want = jax.jit(outputs, static_argnums=0)(portable.pixel_attention, *[a.astype(jnp.float32) for a in args])
+            for a, ref, arg in list(zip(got, want, (x, *args)))[:4 + 2 * norm]:
+                assert a.shape == ref.shape and a.dtype == arg.dtype
+                a, ref = np.asarray(a, np.float32), np.asarray(ref, np.float32)
+                if dt == jnp.float32:
+                    np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-5)
+                else:
+                    assert np.max(np.abs(a - ref)) <= 2e-2 * np.max(np.abs(ref)), ((h, w), norm, np.max(np.abs(a - ref)))
+
+
+def test_tpu_pixel_attention_where_the_kernels_run():
+    """The kernels take pixel attention wherever a block of images and rows fits VMEM: the stem and
+    patch embeddings at 224 with 128 and 32 images per chip (halo rows read twice in blocks of 14 rows
+    forward, 4 to 7 backward, whole images where they fit), an odd batch below a block whole; not a
+    symbolic batch, a batch no block divides, a kernel other than 3 x 3, or an input whose dtype is not
+    the kernel's."""
+    assert [tpu_pa.plan(128, s, s, c, 2) for s, c in [(56, 96), (28, 192), (14, 384), (7, 768)]] == [
+        (8, 14, 4), (8, 14, 4), (8, 14, 7), (8, 7, 7)]
+    assert [tpu_pa.plan(32, s, s, c, 2) for s, c in [(56, 128), (28, 256), (14, 512), (7, 1024)]] == [
+        (8, 14, 4), (8, 14, 4), (8, 14, 2), (16, 7, 1)]
+    assert tpu_pa.plan(6, 7, 7, 384, 4) == (6, 7, 7)
+    assert tpu_pa.plan(jax.export.symbolic_shape('b')[0], 56, 56, 96, 2) is None
+    assert tpu_pa.plan(12, 56, 56, 96, 2) is None
+    for budget in (tpu_pa.pallas_lowering.VMEM_BUDGET, tpu_pa.pallas_lowering.SMALL_VMEM_BUDGET):
+        with mock.patch.object(tpu_pa.pallas_lowering, 'vmem_budget', return_value=budget):
+            for b, s, c in [(128, 56, 96), (128, 28, 192), (32, 14, 512), (32, 7, 1024)]:
+                i, forward, backward = tpu_pa.plan(b, s, s, c, 2)
+                assert max(tpu_pa._vmem(s, s, c, i, rows, 2, bwd) for rows, bwd in ((forward, False), (backward, True))) <= budget
+
+    def primitives(x_dtype=jnp.bfloat16, k=3, batch=8):
+        x = jax.ShapeDtypeStruct((batch, 14, 14, 96), x_dtype)
+        kernel, bias = jax.ShapeDtypeStruct((k, k, 1, 96), jnp.bfloat16), jax.ShapeDtypeStruct((96,), jnp.bfloat16)
+        ln = jax.ShapeDtypeStruct((96,), jnp.float32)
+
+        def loss(*args):
+            return jnp.sum(tpu.pixel_attention(*args[:3], (*args[3:], 1e-6)).astype(jnp.float32))
+        return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, kernel, bias, ln, ln))
+    assert 'pixel_attention_backward' in primitives()
+    for jaxpr in (primitives(x_dtype=jnp.float32), primitives(batch=12)):
+        assert 'pallas_call' not in jaxpr and 'logistic' in jaxpr
+
+
 def test_exact_gelu_gradient():
     """GELU in PyTorch's erf form: the output against float64 and jax.nn.gelu (erfc form) to
     |x| * 6e-8; the hand-written backward Phi(x) + x * phi(x) against float64, tails included (to
@@ -459,8 +527,9 @@ def _primitives(model, variables, x) -> set[str]:
             names.add(eqn.primitive.name)
             if eqn.primitive.name == 'conv_general_dilated' and max(eqn.params['lhs_dilation']) > 1:
                 names.add('transposed conv')
-            if eqn.primitive.name == 'pallas_call' and 'name=upsample_norm' in str(eqn):
-                names.add('pallas:upsample_norm')
+            for kernel in ('upsample_norm', 'pixel_attention'):
+                if eqn.primitive.name == 'pallas_call' and f'name={kernel}' in str(eqn):
+                    names.add(f'pallas:{kernel}')
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 walk(sub)
     walk(jaxpr.jaxpr)
@@ -470,8 +539,8 @@ def _primitives(model, variables, x) -> set[str]:
 @pytest.mark.parametrize('name', ['rest_lite', 'restv2_tiny'])
 def test_model_forms_follow_the_target(name):
     """A model with impl='auto' traced for a TPU mesh on this (CPU) host takes the TPU forms: grouped
-    convolutions, no CPU fences or hand-written CPU gradients, the attention as Pallas kernels, and
-    (v2) the upsample branch and its LayerNorm as Pallas kernels; 'xla' the portable forms, 'cpu' the CPU forms. The
+    convolutions, no CPU fences or hand-written CPU gradients, the attention and pixel attention as
+    Pallas kernels, and (v2) the upsample branch and its LayerNorm as Pallas kernels; 'xla' the portable forms, 'cpu' the CPU forms. The
     former name `conv_impl` still selects them."""
     model = rest_jax.create_model(name, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_classes=5)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
@@ -488,9 +557,11 @@ def test_model_forms_follow_the_target(name):
     assert 'transposed conv' not in tpu_ops   # v2's upsample branch and its norm: kernels, below
     assert 'pallas_call' in tpu_ops and 'pallas_call' not in portable_ops | cpu_ops   # the attention kernels
     assert ('pallas:upsample_norm' in tpu_ops) == name.startswith('restv2')
+    assert 'pallas:pixel_attention' in tpu_ops   # the stem's and patch embeddings' PA (v2: with its norm)
     if not name.startswith('restv2'):   # no upsample branch in v1: its other TPU forms are the portable ones
-        # the kernels, their reads and writes, and the choice of Mosaic or the interpreter at lowering
-        assert tpu_ops - portable_ops == {'pallas_call', 'get', 'swap', 'cond', 'platform_index'}
+        # the kernels, their reads and writes, their loops, and the choice of Mosaic or the interpreter
+        assert tpu_ops - portable_ops == {'pallas_call', 'get', 'swap', 'cond', 'platform_index', 'scan',
+                                          'pallas:pixel_attention'}
     assert rest_jax.create_model(name, conv_impl='lax').conv_impl == 'xla'
     with pytest.raises(ValueError, match='kernel forms'):
         rest_jax.create_model(name, impl='gpu')

@@ -86,14 +86,28 @@ class DepthwiseUpsample(nn.Module):
         return ops.upsample(x.astype(self.dtype), kernel, bias, r, norm, add)
 
 
+class DepthwiseConvParams(nn.Module):
+    """The parameters of a `DepthwiseConv(features, 3)` ('kernel', 'bias'), for an op that applies the
+    conv itself."""
+    features: int
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        return (self.param('kernel', weight_init, (3, 3, 1, self.features)),
+                self.param('bias', nn.initializers.zeros, (self.features,)))
+
+
 class PA(nn.Module):
-    """Pixel attention, ResT's position encoding: x * sigmoid(dwconv3x3(x))."""
+    """Pixel attention, ResT's position encoding: x * sigmoid(dwconv3x3(x)); the conv's parameters as a
+    `DepthwiseConv` named 'pa_conv'."""
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate = DepthwiseConv(x.shape[-1], 3, 1, 1, dtype=self.dtype, name='pa_conv')(x)
-        return ops.pa_fence(x * nn.sigmoid(gate))
+    def __call__(self, x: jax.Array, norm: tuple | None = None) -> jax.Array:
+        """`norm` (a `LayerNormParams`' scale and bias, and eps): then that LayerNorm, in one op that a
+        kernel form may fuse."""
+        kernel, bias = DepthwiseConvParams(x.shape[-1], name='pa_conv')()
+        return ops.pixel_attention(x, kernel.astype(self.dtype), bias.astype(self.dtype), norm)
 
 
 class LayerNorm(nn.Module):

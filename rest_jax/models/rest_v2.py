@@ -90,8 +90,8 @@ class ConvStem(nn.Module):
         x = layers.Conv(self.out_ch, 3, 2, 1, use_bias=False, **kw, name='proj_3')(x)
         x = nn.relu(layers.BatchNorm(dtype=self.dtype, name='proj_4')(x, train))
         x = layers.Conv(self.out_ch, 1, 1, 0, use_bias=True, **kw, name='proj_6')(x)
-        x = layers.PA(self.dtype, name='pos')(x)
-        return layers.LayerNorm(LN_EPS, self.dtype, name='norm')(x)
+        norm = layers.LayerNormParams(name='norm')(self.out_ch)
+        return layers.PA(self.dtype, name='pos')(x, norm=(*norm, LN_EPS))
 
 
 class PatchEmbed(nn.Module):
@@ -104,8 +104,8 @@ class PatchEmbed(nn.Module):
         del train  # no BatchNorm here; same signature as ConvStem
         kw = dict(dtype=self.dtype)
         x = layers.Conv(self.out_ch, 3, 2, 1, use_bias=True, **kw, name='proj')(x)
-        x = layers.PA(self.dtype, name='pos')(x)
-        return layers.LayerNorm(LN_EPS, self.dtype, name='norm')(x)
+        norm = layers.LayerNormParams(name='norm')(self.out_ch)
+        return layers.PA(self.dtype, name='pos')(x, norm=(*norm, LN_EPS))
 
 
 class ResTV2(Backbone):

@@ -2,8 +2,9 @@
 
 One function per op; each dispatches to its form in `portable` (the reference, run on GPUs), `cpu`
 (the same arithmetic in the shapes XLA:CPU runs fastest) or `tpu` (the portable forms, but for those that
-move fewer HBM bytes on a TPU in another form: Pallas kernels for EMSA's attention, the narrow MLPs and
-ResTv2's upsample branch with its LayerNorm), as `dispatch` resolves it:
+move fewer HBM bytes on a TPU in another form: Pallas kernels for EMSA's attention, the narrow MLPs,
+ResTv2's upsample branch with its LayerNorm and pixel attention with the LayerNorm after it), as
+`dispatch` resolves it:
 
     with rest_jax.ops.kernel_forms('auto'):   # the models do this with their `impl` field
         y = rest_jax.ops.depthwise_conv(x, kernel, stride=8, pad=4)
@@ -22,7 +23,7 @@ from rest_jax.ops.portable import conv_output_size
 _FORMS = {'xla': portable, 'cpu': cpu, 'tpu': tpu}
 
 __all__ = ['ALIASES', 'IMPLS', 'active', 'attention', 'block_fence', 'canonical', 'conv', 'conv_output_size',
-           'depthwise_conv', 'gelu', 'kernel_forms', 'layer_norm', 'mlp', 'pa_fence', 'pixel_shuffle',
+           'depthwise_conv', 'gelu', 'kernel_forms', 'layer_norm', 'mlp', 'pa_fence', 'pixel_attention', 'pixel_shuffle',
            'resolve', 'target_platform', 'upsample']
 
 
@@ -59,6 +60,13 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array
     `norm` (scale, bias, eps), on `layer_norm(x, scale, bias, eps, dtype)` (one op, so that a form can
     fuse the norm into the MLP)."""
     return _forms().mlp(x, w1, b1, w2, b2, dtype, norm)
+
+
+def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tuple | None = None) -> jax.Array:
+    """Pixel attention: x * sigmoid(depthwise 3x3 conv of x + bias), kernel (3, 3, 1, C) and bias (C,) in
+    the compute dtype; with `norm` (scale, bias, eps), then a LayerNorm over C (one op, so that a form
+    can fuse the norm)."""
+    return _forms().pixel_attention(x, kernel, bias, norm)
 
 
 def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:

@@ -24,7 +24,7 @@ from rest_jax.ops import cpu_isa, cpu_tune, portable
 from rest_jax.ops.portable import attention, conv_output_size, gelu, pixel_shuffle
 
 __all__ = ['attention', 'block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'mlp', 'pa_fence',
-           'pixel_shuffle', 'upsample']
+           'pixel_attention', 'pixel_shuffle', 'upsample']
 
 
 # --- dense convolutions ---------------------------------------------------------------------------
@@ -274,6 +274,11 @@ def _blocked_depthwise(x: jax.Array, kernel: jax.Array, s: int, pad: int) -> jax
 _strided_depthwise = _differentiated_as(
     lambda x, kernel, stride, pad: _shifted_depthwise(x, kernel[:, :, None], stride, pad),
     _blocked_depthwise, forward_too=True)
+
+
+def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tuple | None = None) -> jax.Array:
+    """`portable.pixel_attention` with this module's depthwise conv, PA fence and LayerNorm."""
+    return portable.compose_pixel_attention(x, kernel, bias, norm, depthwise_conv, pa_fence, layer_norm)
 
 
 # --- ResTv2's upsample branch ---------------------------------------------------------------------

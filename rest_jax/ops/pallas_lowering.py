@@ -19,6 +19,7 @@ from typing import Callable
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 
 def on_platform(kernel_call: Callable, *args):
@@ -46,6 +47,17 @@ def batch_axes(batch: int) -> tuple[str, ...] | None:
     if mesh.empty or mesh.size == 1 or mesh.manual_axes or batch % mesh.size:
         return None
     return tuple(mesh.axis_names)
+
+
+def split_batch(local: Callable, batch, n_params: int, n_args: int) -> Callable:
+    """local(params..., x, ...) over the batch split across the mesh in context (`jax.shard_map`, where
+    `batch_axes` splits it): the first `n_params` arguments replicated, the `n_args` after them and
+    every result split along axis 0."""
+    axes = batch_axes(batch)
+    if not axes:
+        return local
+    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                         in_specs=(*[P()] * n_params, *[P(axes)] * n_args), out_specs=P(axes), check_vma=False)
 
 
 def local_batch(batch: int) -> int:

@@ -59,6 +59,19 @@ def finish_upsample(y: jax.Array, norm: tuple | None, add: jax.Array | None, nor
     return y if add is None else add + y[:, :add.shape[1], :add.shape[2]]
 
 
+def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tuple | None = None) -> jax.Array:
+    """Pixel attention, ResT's position encoding: x * sigmoid(depthwise 3x3 conv (pad 1) of x + bias), in
+    kernel's dtype; with `norm` (scale, bias, eps), then `layer_norm` over C in the output's dtype (the
+    LayerNorm after ResTv2's stem and patch embeddings). kernel (3, 3, 1, C), bias (C,)."""
+    return compose_pixel_attention(x, kernel, bias, norm, depthwise_conv, pa_fence, layer_norm)
+
+
+def compose_pixel_attention(x, kernel, bias, norm, depthwise_form, fence_form, norm_form) -> jax.Array:
+    """`pixel_attention` from a form's depthwise conv, PA fence and LayerNorm."""
+    out = fence_form(x * jax.nn.sigmoid(depthwise_form(x.astype(kernel.dtype), kernel, 1, 1) + bias))
+    return out if norm is None else norm_form(out, *norm, out.dtype)
+
+
 def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:
     """`torch.nn.PixelShuffle(r)` on NHWC: input channel c * r * r + i * r + j -> pixel (i, j) of c."""
     if r == 1:

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rest_jax.ops import pallas_lowering, portable, tpu_attention, tpu_mlp, tpu_upsample
+from rest_jax.ops import pallas_lowering, portable, tpu_attention, tpu_mlp, tpu_pa, tpu_upsample
 from rest_jax.ops.portable import block_fence, conv, depthwise_conv, gelu, layer_norm, pa_fence, pixel_shuffle
 
 __all__ = ['attention', 'block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'mlp', 'pa_fence',
-           'pixel_shuffle', 'upsample']
+           'pixel_attention', 'pixel_shuffle', 'upsample']
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float) -> jax.Array:
@@ -51,6 +51,17 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array
 # ms; r = 2: 1.99 -> 2.06 ms, so r = 2 keeps the portable form, behind a barrier (`upsample`; docs/tpu.md:
 # a per-phase form, tried).
 TRANSPOSED_RATIOS = (4, 8)
+
+
+def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tuple | None = None) -> jax.Array:
+    """Pixel attention and its LayerNorm (`norm`) as Pallas kernels that read x once and write the
+    output once (`tpu_pa`), where a block of images and rows fits VMEM and the batch can be split (as
+    `attention`); the portable form elsewhere."""
+    b, h, w, c = x.shape
+    if (pallas_lowering.splittable() and x.dtype == kernel.dtype and kernel.shape[:2] == (3, 3)
+            and tpu_pa.plan(pallas_lowering.local_batch(b), h, w, c, x.dtype.itemsize)):
+        return tpu_pa.pixel_attention(x, kernel, bias, norm)
+    return portable.pixel_attention(x, kernel, bias, norm)
 
 
 def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple | None = None,

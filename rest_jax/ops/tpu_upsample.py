@@ -43,7 +43,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec as P
 
 from rest_jax.ops import pallas_lowering
 
@@ -87,7 +86,7 @@ def _params(kernel, bias, scale, shift, c, r):
     return [a.astype(jnp.float32) for a in (w, b, scale.reshape(1, c), shift.reshape(1, c))]
 
 
-def _tokens(x):
+def tokens(x):
     """x (B, h, w, C) -> (h w, B, C): tokens-major, XLA's own layout of EMSA's values (no copy)."""
     return jnp.swapaxes(x.reshape(x.shape[0], -1, x.shape[-1]), 0, 1)
 
@@ -113,7 +112,7 @@ def _conv(taps, w_ref, b_ref, x, j):
     return u
 
 
-def _normalised(u, eps):
+def normalised(u, eps):
     """(u - mean) / std over the channels (the lanes) and 1 / std: the two-pass variance."""
     d = u - jnp.mean(u, axis=-1, keepdims=True)
     rstd = lax.rsqrt(jnp.mean(d * d, axis=-1, keepdims=True) + eps)
@@ -127,7 +126,7 @@ def _forward_kernel(v_ref, w_ref, b_ref, s_ref, t_ref, *refs, r, eps):
 
     def pixel(x, carry):
         for j in range(r):
-            y_hat, _ = _normalised(_conv(taps, w_ref, b_ref, x, j), eps)
+            y_hat, _ = normalised(_conv(taps, w_ref, b_ref, x, j), eps)
             y = y_hat * scale + shift
             o_ref[x * r + j] = (y if a_ref is None else y + a_ref[x * r + j].astype(jnp.float32)).astype(o_ref.dtype)
         return carry
@@ -155,7 +154,7 @@ def _backward_kernel(v_ref, w_ref, b_ref, s_ref, t_ref, g_ref, dv_ref, dw_ref, d
 
     def pixel(x, carry):
         for j in range(r):
-            y_hat, rstd = _normalised(_conv(taps, w_ref, b_ref, x, j), eps)
+            y_hat, rstd = normalised(_conv(taps, w_ref, b_ref, x, j), eps)
             g = g_ref[x * r + j].astype(jnp.float32)
             dst[0] += g * y_hat
             dst[1] += g
@@ -239,16 +238,6 @@ def _backward_call(v, w, b, s, t, g, *, h, r, eps, images, interpret):
         cost_estimate=cost, interpret=interpret, name='upsample_norm_backward')(v, w, b, s, t, g)
 
 
-def _split(local, b, n_params, n_args):
-    """local(params..., x, ...) over the batch split across the mesh in context (`jax.shard_map`): the
-    first `n_params` arguments replicated, the `n_args` after them and every result split along axis 0."""
-    axes = pallas_lowering.batch_axes(b)
-    if not axes:
-        return local
-    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
-                         in_specs=(*[P()] * n_params, *[P(axes)] * n_args), out_specs=P(axes), check_vma=False)
-
-
 def _forward(x, kernel, bias, scale, shift, add, r, eps):
     b, h, w, c = x.shape
     params = _params(kernel, bias, scale, shift, c, r)
@@ -258,10 +247,10 @@ def _forward(x, kernel, bias, scale, shift, add, r, eps):
         (x, *add), params = args[4:], args[:4]
         call = functools.partial(_forward_call, h=h, r=r, eps=eps,
                                  images=images_per_step(x.shape[0], h, w, c, r, x.dtype.itemsize))
-        out = pallas_lowering.on_platform(call, _tokens(x), *params, *map(_tokens, add))   # (h r w r, B, C)
+        out = pallas_lowering.on_platform(call, tokens(x), *params, *map(tokens, add))   # (h r w r, B, C)
         return jnp.swapaxes(out, 0, 1).reshape(-1, h * r, w * r, c)         # XLA's own layout: no copy
 
-    return _split(local, b, 4, 1 + len(add))(*params, x, *add)
+    return pallas_lowering.split_batch(local, b, 4, 1 + len(add))(*params, x, *add)
 
 
 def _backward(x, kernel, bias, scale, shift, g, r, eps):
@@ -273,10 +262,10 @@ def _backward(x, kernel, bias, scale, shift, g, r, eps):
         call = functools.partial(_backward_call, h=h, r=r, eps=eps,
                                  images=images_per_step(x.shape[0], h, w, c, r, x.dtype.itemsize))
         g = jnp.swapaxes(g.reshape(g.shape[0], -1, c), 0, 1)
-        dv, dw, db, dst = pallas_lowering.on_platform(call, _tokens(x), *params, g)
+        dv, dw, db, dst = pallas_lowering.on_platform(call, tokens(x), *params, g)
         return jnp.swapaxes(dv, 0, 1).reshape(x.shape), dw, db, dst
 
-    dx, dw, db, dst = _split(local, b, 4, 2)(*params, x, g)
+    dx, dw, db, dst = pallas_lowering.split_batch(local, b, 4, 2)(*params, x, g)
     # [dy, dx, 0, c r r + i r + j]
     dw = dw.sum(0).reshape(r, r, 3, 3, c).transpose(2, 3, 4, 0, 1).reshape(kernel.shape)
     db = db.sum(0).transpose(2, 0, 1).reshape(bias.shape)
