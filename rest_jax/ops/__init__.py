@@ -23,8 +23,8 @@ from rest_jax.ops.portable import conv_output_size
 _FORMS = {'xla': portable, 'cpu': cpu, 'tpu': tpu}
 
 __all__ = ['ALIASES', 'IMPLS', 'active', 'attention', 'block_fence', 'canonical', 'conv', 'conv_output_size',
-           'depthwise_conv', 'gelu', 'kernel_forms', 'layer_norm', 'mlp', 'pa_fence', 'pixel_attention', 'pixel_shuffle',
-           'resolve', 'target_platform', 'upsample']
+           'depthwise_conv', 'gelu', 'kernel_forms', 'layer_norm', 'mlp', 'pa_fence', 'pixel_attention',
+           'pixel_shuffle', 'resolve', 'target_platform', 'upsample']
 
 
 def _forms():

@@ -82,10 +82,11 @@ def vmem_budget() -> int:
 
 
 LANES = 128   # a vector register's lanes
+NARROW_CHANNELS = 192   # channels up to which XLA may put the batch in the lanes (`fills_lanes`)
 
 
 def fills_lanes(batch) -> bool:
-    """Whether XLA's TPU layout of a block's narrow activations (at most 192 channels) puts the batch
+    """Whether XLA's TPU layout of a block's narrow activations (at most NARROW_CHANNELS) puts the batch
     in the lanes (batch-minor: (N, C, B) in memory, for a per-device batch that is a multiple of 128);
     else it keeps the channels minor. A symbolic batch (a `jax.export` for any batch) does not."""
     return isinstance(batch, int) and batch % LANES == 0

@@ -52,7 +52,7 @@ from rest_jax.ops.portable import gelu_float32, gelu_slope
 # -> 1.39, but 192 0.94 -> 1.04. Without the norm inside (`ops.mlp(norm=None)`) 192 loses in the lanes
 # too (2.53 -> 2.62 ms), and 128 is the limit.
 _MAX_CHANNELS = 128
-_MAX_CHANNELS_IN_LANES = 192    # the batch in the lanes, the norm inside
+_MAX_CHANNELS_IN_LANES = pallas_lowering.NARROW_CHANNELS    # the batch in the lanes, the norm inside
 _WEIGHT_ELEMENTS = 1 << 18   # C x F of fc1 (and fc2): 0.5 MB per bfloat16 matrix, 1 MB per float32 gradient
 _HIDDEN_ELEMENTS = 1 << 19   # F x tokens x lanes per grid step: 2 MB per float32 hidden block
 _ROW_HIDDEN_ELEMENTS = 1 << 18   # F x rows per grid step of the row-major kernels

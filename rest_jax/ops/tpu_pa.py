@@ -43,7 +43,6 @@ from rest_jax.ops.tpu_upsample import normalised, tokens
 _IMAGES = (32, 16, 8)       # images per grid step: whole (8, 128) tiles of the batch axis
 _TAPS = [(dy, dx) for dy in range(3) for dx in range(3)]
 _PIECE = 8                  # pixels of a row per vector step
-_LANES_CHANNELS = 192       # channels up to which XLA puts a multiple of 128 images in the lanes
 _TEMPORARIES = 1 << 19      # VMEM bytes for Mosaic's own temporaries (values of a few pixels)
 
 
@@ -246,7 +245,7 @@ def _forward_call(w, b, s, t, x, *, h, plan_, norm, eps, interpret):
     main, halo = _row_specs(wd, c, images, rows, h, 1)
     params = [pl.BlockSpec((9, c), lambda n, y: (0, 0))] + [pl.BlockSpec((1, c), lambda n, y: (0, 0))] * 3
     n = x.size
-    cost = pallas_lowering.cost(batch, flops=35 * n, transcendentals=n + (x.size // c if norm else 0),
+    cost = pallas_lowering.cost(batch, flops=35 * n, transcendentals=n + (n // c if norm else 0),
                                 bytes_accessed=x.dtype.itemsize * (n * (rows + len(halo)) // rows + n))
     return pl.pallas_call(
         functools.partial(_forward_kernel, h=h, rows=rows, norm=norm, eps=eps),
@@ -265,8 +264,9 @@ def _backward_call(w, b, s, x, g, *, h, plan_, norm, eps, interpret):
     params = [pl.BlockSpec((9, c), lambda n, y: (0, 0))] + [pl.BlockSpec((1, c), lambda n, y: (0, 0))] * 2
     blocks, n = batch // images, x.size
     per_block = lambda k: pl.BlockSpec((1, k, c), lambda n, y: (n, 0, 0))  # noqa: E731
-    cost = pallas_lowering.cost(batch, flops=100 * n, transcendentals=n + (x.size // c if norm else 0),
-                                bytes_accessed=x.dtype.itemsize * (n * (2 * rows + len(x_halo) + len(g_halo)) // rows + n))
+    reads = n * (2 * rows + len(x_halo) + len(g_halo)) // rows          # x and g with their halo rows
+    cost = pallas_lowering.cost(batch, flops=100 * n, transcendentals=n + (n // c if norm else 0),
+                                bytes_accessed=x.dtype.itemsize * (reads + n))
     return pl.pallas_call(
         functools.partial(_backward_kernel, h=h, rows=rows, norm=norm, eps=eps),
         grid=(blocks, h // rows), in_specs=[*params, main, *x_halo, main, *g_halo],
@@ -324,8 +324,10 @@ def _pixel_attention(x, kernel, bias, scale, shift, norm, eps):
     # Not differentiated (inference, evaluation), where XLA keeps the batch in the lanes (the narrow
     # stages at a multiple of 128 images per device): XLA's own form, which fuses the forward pass
     # without the relayout copies into and out of the kernel's layout (restv2_tiny's inference at 256
-    # per chip on v5p, XLA's estimates: 66.6 MB per image, 10.37 ms with the kernel there; 65.2 MB, 10.21 ms without).
-    if pallas_lowering.fills_lanes(pallas_lowering.local_batch(x.shape[0])) and x.shape[-1] <= _LANES_CHANNELS:
+    # per chip on v5p, XLA's estimates: 66.6 MB per image, 10.37 ms with the kernel there; 65.2 MB,
+    # 10.21 ms without).
+    if (pallas_lowering.fills_lanes(pallas_lowering.local_batch(x.shape[0]))
+            and x.shape[-1] <= pallas_lowering.NARROW_CHANNELS):
         return portable.pixel_attention(x, kernel, bias, (scale, shift, eps) if norm else None)
     return _forward(x, kernel, bias, scale, shift, norm, eps)
 

@@ -87,7 +87,7 @@ def _params(kernel, bias, scale, shift, c, r):
 
 
 def tokens(x):
-    """x (B, h, w, C) -> (h w, B, C): tokens-major, XLA's own layout of EMSA's values (no copy)."""
+    """x (B, h, w, C) -> (h w, B, C): tokens-major (XLA's own layout of EMSA's values: no copy there)."""
     return jnp.swapaxes(x.reshape(x.shape[0], -1, x.shape[-1]), 0, 1)
 
 
