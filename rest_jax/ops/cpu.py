@@ -218,6 +218,18 @@ def _sums(terms: list[jax.Array], axes: tuple[int, ...]) -> list[jax.Array]:
                            lambda a, b: tuple(u + v for u, v in zip(a, b)), axes))
 
 
+
+def _column_sums(terms: list[jax.Array], axes: tuple[int, ...]) -> list[jax.Array]:
+    """`_sums` over leading `axes` that keep the channels (a kernel's or bias's gradient), in two stages.
+
+    XLA:CPU runs a variadic sum down to a few channels on one thread, one output at a time (a 3x3
+    depthwise kernel's gradient at 8 x 56 x 56 x 64: 14-16 ms on an Intel Xeon). Summed first over the
+    last of `axes` alone, the partial sums keep a row per remaining index, which XLA splits over the
+    threads, and the small remainder is summed per term (~4 ms there; docs/performance.md).
+    """
+    *outer, inner = sorted(axes)
+    return [jnp.sum(part, tuple(outer)) for part in _sums(terms, (inner,))]
+
 # A stride-1 depthwise conv (PA's gate, ResTv2's r = 1 upsample) differentiated by hand: the kernel
 # gradient is one variadic reduce over (g, x) and the input gradient the same conv of g with the
 # flipped kernel, instead of autodiff's kh * kw stored shifted inputs.
@@ -235,7 +247,7 @@ def _depthwise_stride1_bwd(pad, residuals, g):
     kh, kw, c = kernel.shape
     _, ho, wo, _ = g.shape
     h, w = x.shape[1:3]
-    dkernel = _sums([g * win for win in _windows(x, kh, kw, pad, ho, wo)], (0, 1, 2))
+    dkernel = _column_sums([g * win for win in _windows(x, kh, kw, pad, ho, wo)], (0, 1, 2))
     # x[y] feeds out[y - i + pad] through tap i: a conv of g with the flipped kernel, padded kh-1-pad.
     gp = jnp.pad(g, ((0, 0), (kh - 1 - pad, h - ho + pad), (kw - 1 - pad, w - wo + pad), (0, 0)))
     dx = _shifted_depthwise(gp, kernel[::-1, ::-1, None], 1, 0)
@@ -352,7 +364,7 @@ def _shuffled_depthwise_bwd(residuals, g):
     r = taps.shape[2]
     g = g.reshape(b, h, r, w, r, c)
     shifted = [win[:, :, None, :, None, :] for win in _windows(x, 3, 3, 1, h, w)]
-    *dtaps, dbias = _sums([g * s for s in shifted] + [g], (0, 1, 3))
+    *dtaps, dbias = _column_sums([g * s for s in shifted] + [g], (0, 1, 3))
     parts = _sums([g * tap[:, None] for tap in taps.reshape(9, r, r, c)], (2, 4))
     dxp = jnp.zeros((b, h + 2, w + 2, c), x.dtype)
     for t, part in enumerate(parts):
