@@ -57,14 +57,15 @@ def test_depthwise_forms_agree_on_golden(stem):
     """The CPU forms ('shift'), the TPU forms (v2's upsample as a transposed conv, the attention kernels
     in Pallas's interpreter) and XLA's grouped convs give the same model outputs on the official
     weights. v1's head interaction amplifies float32 rounding ~10x (test_v1_head_interaction_amplifies_rounding):
-    the attention kernels' batched products, summed in another order, land at 1.1e-5 there."""
+    the attention kernels' batched products, summed in another order, land at 1.1e-5 there, and the CPU
+    forms at 1.2e-5 on an Intel Xeon (family 6, model 167), whose library kernels round differently."""
     model, ckpt, gold = _golden_model(stem)
     variables = rest_jax.variables_from_state_dict(model, ckpt['model'])
     x = gold['input_rect']
     with jax.default_matmul_precision('float32'):
         outs = [jax.jit(model.clone(conv_impl=impl).apply)(variables, x) for impl in ('shift', 'tpu', 'lax')]
-    tpu_tol = 2e-5 if getattr(model, 'apply_transform', False) else 1e-5
-    assert relative_error(outs[0], outs[2]) < 1e-5 and relative_error(outs[1], outs[2]) < tpu_tol
+    tol = 2e-5 if getattr(model, 'apply_transform', False) else 1e-5
+    assert relative_error(outs[0], outs[2]) < tol and relative_error(outs[1], outs[2]) < tol
 
 
 @pytest.mark.parametrize('stem', list(REDUCED))
