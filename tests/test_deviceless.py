@@ -229,6 +229,19 @@ def test_kernels_fit_the_vmem_of_a_v4_core():
         assert plan != tpu_attention.plan(32, side * side, c, 49, 2)   # (v5p's, traced outside the mesh)
 
 
+def test_kernels_ask_for_vmem_by_chip():
+    """The Pallas kernels plan for 24 MB of VMEM and ask Mosaic for a 32 MiB limit on chips with more
+    than 16 MiB per core (v5e here), and keep 8 MB under Mosaic's default limit on v4."""
+    from jax.sharding import Mesh
+    from rest_jax.ops import pallas_lowering
+    for target, budget, limit in [(TARGET, pallas_lowering.VMEM_BUDGET, pallas_lowering.VMEM_LIMIT),
+                                  ('v4:2x2x1', pallas_lowering.SMALL_VMEM_BUDGET, None)]:
+        with jax.set_mesh(Mesh(np.array(deviceless.topology_devices(target)), ('data',))):
+            assert pallas_lowering.vmem_budget() == budget
+            assert pallas_lowering.compiler_params('parallel').vmem_limit_bytes == limit
+    assert pallas_lowering.VMEM_BUDGET < pallas_lowering.VMEM_LIMIT
+
+
 def test_sources_of_rematerialised_ops():
     """An op that jax.checkpoint recomputes (remat) is attributed to its layer, as the rest."""
     prefix = 'jit(train_step)/transpose(jvp(ResTV2))/ResTV2.forward_features/stage4_0/mlp/fc2'

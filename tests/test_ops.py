@@ -117,15 +117,16 @@ def test_tpu_attention_kernels_equal_the_portable_form(monkeypatch, dtype, layou
 def test_tpu_attention_layouts():
     """Where the kernels take the tokens-major layout (N, B, C): wherever a block of 8 or 16 images fits
     VMEM, XLA's batch-minor layout (the batch in the lanes, at most 192 channels) included, but not for
-    a symbolic batch; 16 images per step where their keys, values and gradients fit VMEM, 8 for a stage
-    of 768 channels, all of a small batch; rows where not even 8 fit (1024 channels)."""
+    a symbolic batch; 16 images per step where their keys, values and gradients fit VMEM (every stage of
+    restv2_tiny), 8 for 1024 channels, all of a small batch; rows where not even 8 fit (2048 channels)."""
     plan = tpu_attention.plan
     # restv2_tiny's stages at 128 and at 32 images per chip (bfloat16; a pod slice at 32)
     for per_chip in (128, 32):
         assert [plan(per_chip, n, c, 49, 2) for n, c in [(3136, 96), (784, 192), (196, 384), (49, 768)]] == \
-            [(16, 112, True), (16, 28, True), (16, 14, True), (8, 7, True)]
-    assert plan(128, 49, 1024, 49, 2) == (1, 49, False)
-    assert plan(3, 196, 384, 49, 4) == (3, 98, True)
+            [(16, 112, True), (16, 56, True), (16, 28, True), (16, 7, True)]
+    assert plan(128, 49, 1024, 49, 2) == (8, 7, True)
+    assert plan(128, 49, 2048, 49, 2) == (1, 49, False)
+    assert plan(3, 196, 384, 49, 4) == (3, 196, True)
     assert plan(24, 196, 384, 49, 2) == (8, 49, True)
     assert plan(jax.export.symbolic_shape('b')[0], 196, 384, 49, 2) == (1, 196, False)
 
@@ -254,18 +255,19 @@ def test_tpu_upsample_kernels_equal_the_portable_form(monkeypatch, dtype):
 def test_tpu_upsample_where_the_kernels_run():
     """The kernels take the branch with its norm wherever a block of images fits VMEM: restv2's stages
     at 224 with 128 and 32 images per chip, a 384 fine-tune's first stage with fewer images per step, a
-    small batch whole; not a symbolic batch, a batch that no block divides, or a detector's first stage
-    at 800 x 1333 (25 x 42 reduced values at ratio 8), where the transposed conv and the portable norm
-    run. Without the norm, the branch alone is never a kernel."""
+    small batch whole, a detector's first stage at 800 x 1333 (25 x 42 reduced values at ratio 8) 8
+    images at a time; not a symbolic batch, a batch that no block divides, or that stage at 1600 x 2666
+    (50 x 84), where the transposed conv and the portable norm run. Without the norm, the branch alone is never a kernel."""
     per_step = tpu_upsample.images_per_step
     for per_chip in (128, 32):
         stages = [(96, 8), (192, 4), (384, 2), (768, 1)]
-        assert [per_step(per_chip, 7, 7, c, r, 2) for c, r in stages] == [32, 32, 32, 16]
-    assert per_step(128, 12, 12, 96, 8, 2) == 16
+        assert [per_step(per_chip, 7, 7, c, r, 2) for c, r in stages] == [32, 32, 32, 32]
+    assert per_step(128, 12, 12, 96, 8, 2) == 32
     assert per_step(6, 7, 7, 384, 2, 4) == 6
     assert per_step(jax.export.symbolic_shape('b')[0], 7, 7, 96, 8, 2) is None
     assert per_step(12, 7, 7, 96, 8, 2) is None
-    assert per_step(8, 25, 42, 96, 8, 2) is None
+    assert per_step(8, 25, 42, 96, 8, 2) == 8
+    assert per_step(8, 50, 84, 96, 8, 2) is None
 
     def primitives(batch, h, w, norm=True):
         x = jax.ShapeDtypeStruct((batch, h, w, 96), jnp.bfloat16)
@@ -277,7 +279,7 @@ def test_tpu_upsample_where_the_kernels_run():
             return jnp.sum(tpu.upsample(*args[:3], 8, (*args[3:], 1e-6) if norm else None).astype(jnp.float32))
         return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, kernel, bias, ln, ln))
     assert 'upsample_norm' in primitives(8, 7, 7)
-    for jaxpr in (primitives(8, 7, 7, norm=False), primitives(8, 25, 42)):
+    for jaxpr in (primitives(8, 7, 7, norm=False), primitives(8, 50, 84)):
         assert 'pallas_call' not in jaxpr and 'lhs_dilation=(8, 8)' in jaxpr   # the transposed conv
     # an added array smaller than the branch (its crop to a token grid that sr does not divide)
     x, ln = jax.ShapeDtypeStruct((8, 7, 7, 16), jnp.float32), jax.ShapeDtypeStruct((16,), jnp.float32)
@@ -328,14 +330,14 @@ def test_tpu_pixel_attention_kernels_equal_the_portable_form(monkeypatch, dtype)
 
 def test_tpu_pixel_attention_where_the_kernels_run():
     """The kernels take pixel attention wherever a block of images and rows fits VMEM: the stem and
-    patch embeddings at 224 with 128 and 32 images per chip (halo rows read twice in blocks of 14 rows
-    forward, 4 to 7 backward, whole images where they fit), an odd batch below a block whole; not a
+    patch embeddings at 224 with 128 and 32 images per chip (halo rows read twice in blocks of 14 or 28
+    rows forward, 14 backward, whole images where they fit), an odd batch below a block whole; not a
     symbolic batch, a batch no block divides, a kernel other than 3 x 3, or an input whose dtype is not
     the kernel's."""
     assert [tpu_pa.plan(128, s, s, c, 2) for s, c in [(56, 96), (28, 192), (14, 384), (7, 768)]] == [
-        (8, 14, 4), (8, 14, 4), (8, 14, 7), (8, 7, 7)]
+        (8, 28, 14), (8, 28, 14), (8, 14, 14), (16, 7, 7)]
     assert [tpu_pa.plan(32, s, s, c, 2) for s, c in [(56, 128), (28, 256), (14, 512), (7, 1024)]] == [
-        (8, 14, 4), (8, 14, 4), (8, 14, 2), (16, 7, 1)]
+        (8, 28, 14), (8, 28, 14), (8, 14, 14), (16, 7, 7)]
     assert tpu_pa.plan(6, 7, 7, 384, 4) == (6, 7, 7)
     assert tpu_pa.plan(jax.export.symbolic_shape('b')[0], 56, 56, 96, 2) is None
     assert tpu_pa.plan(12, 56, 56, 96, 2) is None

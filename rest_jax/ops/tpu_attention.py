@@ -218,7 +218,7 @@ def _forward_call(q, k, v, *, heads, scale, images, t, tokens, interpret):
         functools.partial(_forward_kernel, heads=heads, scale=scale), grid=grid,
         in_specs=[queries, keys, keys], out_specs=queries, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=_scratch(q, m, images, t, tokens, backward=False),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel')),
+        compiler_params=pallas_lowering.compiler_params('parallel', 'parallel'),
         cost_estimate=cost, interpret=interpret, name='emsa_attention')(q, k, v)
 
 
@@ -236,7 +236,7 @@ def _backward_call(q, k, v, g, *, heads, scale, images, t, tokens, interpret):
         in_specs=[queries, keys, keys, queries], out_specs=[queries, keys, keys],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), summed, summed],
         scratch_shapes=_scratch(q, m, images, t, tokens, backward=True),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary')),
+        compiler_params=pallas_lowering.compiler_params('parallel', 'arbitrary'),
         cost_estimate=cost, interpret=interpret, name='emsa_attention_backward')(q, k, v, g)
 
 

@@ -306,7 +306,7 @@ def _forward_call(x, w1t, b1, w2t, b2, *norm, t, eps, interpret):
         functools.partial(_forward_kernel, eps=eps), grid=(n // t, b // _LANES),
         in_specs=[tokens] + [_whole(a) for a in (w1t, b1, w2t, b2, *norm)],
         out_specs=tokens, out_shape=jax.ShapeDtypeStruct(x.shape, w1t.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel')),
+        compiler_params=pallas_lowering.compiler_params('parallel', 'parallel'),
         cost_estimate=_cost(b, x, w1t.dtype, n * b, c, f, bool(norm), False), interpret=interpret,
         name='mlp')(x, w1t, b1, w2t, b2, *norm)
 
@@ -323,7 +323,7 @@ def _backward_call(x, g, w1t, b1, w2, w1, *norm, t, eps, interpret):
         out_specs=[tokens] + [partial(*s) for s in shapes],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)]
         + [jax.ShapeDtypeStruct((_SPLIT, *s), jnp.float32) for s in shapes],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary', 'arbitrary')),
+        compiler_params=pallas_lowering.compiler_params('parallel', 'arbitrary', 'arbitrary'),
         cost_estimate=_cost(b, x, g.dtype, n * b, c, f, bool(norm), True), interpret=interpret,
         name='mlp_backward')(x, g, w1t, b1, w2, w1, *norm)
 
@@ -384,7 +384,7 @@ def _rows_forward_call(x, w1, b1, w2, b2, *norm, block, eps, interpret):
         functools.partial(_rows_forward_kernel, eps=eps), grid=(r // block,),
         in_specs=[rows] + [_whole(a) for a in (w1, b1, w2, b2, *norm)],
         out_specs=rows, out_shape=jax.ShapeDtypeStruct(x.shape, w1.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel',)),
+        compiler_params=pallas_lowering.compiler_params('parallel'),
         cost_estimate=_cost(r, x, w1.dtype, r, c, f, bool(norm), False), interpret=interpret,
         name='mlp')(x, w1, b1, w2, b2, *norm)
 
@@ -401,6 +401,6 @@ def _rows_backward_call(x, g, w1, b1, w2, *norm, block, eps, interpret):
         out_specs=[rows] + [partial(*s) for s in shapes],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)]
         + [jax.ShapeDtypeStruct((_SPLIT, *s), jnp.float32) for s in shapes],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary')),
+        compiler_params=pallas_lowering.compiler_params('parallel', 'arbitrary'),
         cost_estimate=_cost(r, x, g.dtype, r, c, f, bool(norm), True), interpret=interpret,
         name='mlp_backward')(x, g, w1, b1, w2, *norm)

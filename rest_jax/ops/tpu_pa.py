@@ -252,7 +252,7 @@ def _forward_call(w, b, s, t, x, *, h, plan_, norm, eps, interpret):
         grid=(batch // images, h // rows), in_specs=[*params, main, *halo], out_specs=main,
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         scratch_shapes=[pltpu.VMEM((rows + 2, wd + 2, images, c), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel')),
+        compiler_params=pallas_lowering.compiler_params('parallel', 'parallel'),
         cost_estimate=cost, interpret=interpret, name='pixel_attention')(w, b, s, t, x, *[x] * len(halo))
 
 
@@ -280,7 +280,7 @@ def _backward_call(w, b, s, x, g, *, h, plan_, norm, eps, interpret):
                         pltpu.VMEM((rows, wd, images, c), jnp.float32),
                         pltpu.VMEM((9, images, c), jnp.float32), pltpu.VMEM((1, images, c), jnp.float32),
                         pltpu.VMEM((2, images, c), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary')),
+        compiler_params=pallas_lowering.compiler_params('parallel', 'arbitrary'),
         cost_estimate=cost, interpret=interpret, name='pixel_attention_backward')(
             w, b, s, x, *[x] * len(x_halo), g, *[g] * len(g_halo))
 

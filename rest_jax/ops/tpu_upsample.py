@@ -208,7 +208,7 @@ def _forward_call(v, w, b, s, t, *add, h, r, eps, images, interpret):
         functools.partial(_forward_kernel, r=r, eps=eps), grid=grid, in_specs=ins + [out] * len(add), out_specs=out,
         out_shape=jax.ShapeDtypeStruct((m * r * r, batch, c), v.dtype),
         scratch_shapes=[pltpu.VMEM((3, m // h + 2, images, c), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel', 'parallel')),
+        compiler_params=pallas_lowering.compiler_params('parallel', 'parallel', 'parallel'),
         cost_estimate=cost, interpret=interpret, name='upsample_norm')(v, w, b, s, t, *add)
 
 
@@ -234,7 +234,7 @@ def _backward_call(v, w, b, s, t, g, *, h, r, eps, images, interpret):
                         pltpu.VMEM((h + 2, wd + 2, images, c), jnp.float32),
                         pltpu.VMEM((9 * r, images, c), jnp.float32), pltpu.VMEM((r, images, c), jnp.float32),
                         pltpu.VMEM((2, images, c), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary', 'arbitrary')),
+        compiler_params=pallas_lowering.compiler_params('parallel', 'arbitrary', 'arbitrary'),
         cost_estimate=cost, interpret=interpret, name='upsample_norm_backward')(v, w, b, s, t, g)
 
 
