@@ -257,7 +257,8 @@ def test_tpu_upsample_where_the_kernels_run():
     at 224 with 128 and 32 images per chip, a 384 fine-tune's first stage with fewer images per step, a
     small batch whole, a detector's first stage at 800 x 1333 (25 x 42 reduced values at ratio 8) 8
     images at a time; not a symbolic batch, a batch that no block divides, or that stage at 1600 x 2666
-    (50 x 84), where the transposed conv and the portable norm run. Without the norm, the branch alone is never a kernel."""
+    (50 x 84), where the transposed conv and the portable norm run. Without the norm, the branch alone
+    is never a kernel."""
     per_step = tpu_upsample.images_per_step
     for per_chip in (128, 32):
         stages = [(96, 8), (192, 4), (384, 2), (768, 1)]

@@ -218,7 +218,6 @@ def _sums(terms: list[jax.Array], axes: tuple[int, ...]) -> list[jax.Array]:
                            lambda a, b: tuple(u + v for u, v in zip(a, b)), axes))
 
 
-
 def _column_sums(terms: list[jax.Array], axes: tuple[int, ...]) -> list[jax.Array]:
     """`_sums` over leading `axes` that keep the channels (a kernel's or bias's gradient), in two stages.
 
@@ -229,6 +228,7 @@ def _column_sums(terms: list[jax.Array], axes: tuple[int, ...]) -> list[jax.Arra
     """
     *outer, inner = sorted(axes)
     return [jnp.sum(part, tuple(outer)) for part in _sums(terms, (inner,))]
+
 
 # A stride-1 depthwise conv (PA's gate, ResTv2's r = 1 upsample) differentiated by hand: the kernel
 # gradient is one variadic reduce over (g, x) and the input gradient the same conv of g with the

@@ -19,6 +19,7 @@ from typing import Callable
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 
@@ -67,12 +68,10 @@ def local_batch(batch: int) -> int:
 
 # Bytes of VMEM a kernel's grid step may take, as the kernels estimate it (blocks, their second buffers,
 # scratch). Cores of v5e, v5p and v6e have 95-128 MiB of VMEM, of which Mosaic's default limit lets a
-# kernel use a part (16 MiB on v5p) unless it asks for more: the kernels ask for VMEM_LIMIT there and plan for
-# VMEM_BUDGET (a quarter left for what the estimates do not count), which gives them longer bands and
-# larger blocks (fewer halo rows and fewer steps) than 12 MB under the default did (restv2_tiny's
-# training step on v5p:2x2x2 309 -> 306 MB per image, XLA's estimate 20.06 -> 19.92 ms). Cores with 16
-# MiB in all (v2-v4) keep Mosaic's default: there 12 MB of estimate overran the 16 MiB in the attention
-# kernels of stages 3 and 4 on v4.
+# kernel use a part (16 MiB on v5p): there the kernels ask for VMEM_LIMIT and plan for VMEM_BUDGET (a
+# quarter left for what the estimates do not count), for longer bands and larger blocks than 12 MB
+# under the default gave (docs/tpu.md). Cores with 16 MiB in all (v2-v4) keep Mosaic's default limit:
+# there 12 MB of estimate overran the 16 MiB in the attention kernels of stages 3 and 4 on v4.
 VMEM_BUDGET = 24 << 20
 VMEM_LIMIT = 32 << 20
 SMALL_VMEM_BUDGET = 8 << 20
@@ -95,7 +94,6 @@ def vmem_budget() -> int:
 def compiler_params(*dimension_semantics: str):
     """Mosaic's parameters for a kernel: its grid's semantics, and VMEM_LIMIT where the cores have more
     than 16 MiB of VMEM (Mosaic's default limit elsewhere)."""
-    from jax.experimental.pallas import tpu as pltpu
     return pltpu.CompilerParams(dimension_semantics=dimension_semantics,
                                 vmem_limit_bytes=None if _small_vmem() else VMEM_LIMIT)
 
