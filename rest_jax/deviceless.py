@@ -261,7 +261,10 @@ def compile_for_target(target: str, name: str = 'restv2_tiny', mode: str = 'trai
     tx, lr_fn = optimizer.make_optimizer(config, steps_per_epoch, config.num_epochs * steps_per_epoch)
     state = state_lib.abstract_state(model, tx, config.image_size, config.seed, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    images = jax.ShapeDtypeStruct((batch_size, config.image_size, config.image_size, 3), jnp.float32,
+    # Training: images in the computation dtype, as the input pipeline delivers them
+    # (rest_jax.data.pipeline.image_dtype); inference: float32, as rest_jax.inference.preprocess gives.
+    image_dtype = jnp.dtype(config.dtype) if mode == 'train' else jnp.float32
+    images = jax.ShapeDtypeStruct((batch_size, config.image_size, config.image_size, 3), image_dtype,
                                   sharding=batch_sharding)
     start = time.perf_counter()
     if mode == 'train':

@@ -234,6 +234,24 @@ def test_eval_counts_every_example_once(digits):
     assert batch['label'].dtype == np.int32 and batch['mask'].sum() == 4  # rows 360..383 of 364
 
 
+def test_images_arrive_in_the_computation_dtype(digits):
+    """config.dtype='bfloat16': the train and eval images are bfloat16, bit for bit the float32 stream
+    cast as the model's first op (XLA's convert) would; labels stay as they were; a non-float dtype is
+    refused in one line."""
+    import jax.numpy as jnp
+    wide = make_config(digits[0].data_dir, dtype='float32')
+    narrow = make_config(digits[0].data_dir, dtype='bfloat16')
+    for stream in (lambda c: data.train_iterator(c, process_index=0, process_count=1),
+                   lambda c: data.eval_iterator(c, process_index=0, process_count=1)):
+        for a, b in zip(take(stream(wide), 2), take(stream(narrow), 2)):
+            assert a['image'].dtype == np.float32 and b['image'].dtype == jnp.bfloat16
+            np.testing.assert_array_equal(np.asarray(jnp.asarray(a['image']).astype(jnp.bfloat16)).view(np.uint16),
+                                          b['image'].view(np.uint16))
+            np.testing.assert_array_equal(a['label'], b['label'])
+    with pytest.raises(ValueError, match="config.dtype must name a float dtype"):
+        data.train_iterator(make_config(digits[0].data_dir, dtype='int8'), process_index=0, process_count=1)
+
+
 def test_make_global_single_host():
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec

@@ -89,7 +89,7 @@ def test_train_step_for_a_tpu_slice(fsdp2):
     # activation around them, copy or other.
     rows = hlo_stats.op_bytes(ct.compiled.as_text())
     kernels = sorted(row['source'].split('/')[0] + ' ' + row['source'].split('/')[-2]
-                     for row in rows if row['op'] == 'custom-call')
+                     for row in rows if row['op'] == 'custom-call' and row['source'].endswith('/pallas_call'))
     embeddings = ['stem', 'patch_2', 'patch_3', 'patch_4']
     assert kernels == sorted([f'{p}stage{i}_0 {k}{b}' for i in range(1, 5)
                               for k in ('emsa_attention', 'mlp', 'upsample_norm')

@@ -104,6 +104,21 @@ def _map(ds, fn, parallel):
     return ds.map(tf.autograph.experimental.do_not_convert(fn), num_parallel_calls=parallel)
 
 
+def image_dtype(config) -> tf.DType:
+    """The dtype images leave the pipeline in: the model's computation dtype (config.dtype, default
+    float32). The model casts its input to that dtype first thing, and tf.cast rounds to nearest even as
+    XLA's convert does, so bfloat16 changes no value the model sees; it halves the bytes each batch
+    takes on the host, over the host-to-device link and in the chip's memory."""
+    name = str(config.get('dtype', 'float32'))
+    try:
+        dtype = tf.as_dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or not dtype.is_floating:
+        raise ValueError(f"config.dtype must name a float dtype ('bfloat16' or 'float32'), got {name!r}")
+    return dtype
+
+
 def _options(config):
     options = tf.data.Options()
     options.deterministic = True
@@ -206,7 +221,7 @@ def train_dataset(config, *, start_step=0, process_index=None, process_count=Non
     if builder.info.features['label'].num_classes != num_classes:
         raise ValueError(f'config.model.num_classes={num_classes} but {builder.name} has '
                          f'{builder.info.features["label"].num_classes} classes')
-    data, size = config.data, config.image_size
+    data, size, dtype = config.data, config.image_size, image_dtype(config)
 
     def load_step(step):
         slots, index = train_indices(config, n, step, p, count)
@@ -229,7 +244,7 @@ def train_dataset(config, *, start_step=0, process_index=None, process_count=Non
             mixup_alpha=data.mixup if mixing else 0.0, cutmix_alpha=data.cutmix if mixing else 0.0,
             prob=data.mixup_prob,
             switch_prob=data.mixup_switch_prob, smoothing=data.label_smoothing)
-        return {'image': images, 'label': targets}
+        return {'image': tf.cast(images, dtype), 'label': targets}
 
     ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
     ds = _map(ds, load_step, 2)  # reads of the next steps overlap decoding
@@ -252,7 +267,8 @@ def train_iterator(config, *, start_step=0, process_index=None, process_count=No
 
     Returns:
       An iterator of
-      {'image': float32 [L, S, S, 3] normalized, 'label': float32 [L, num_classes] soft targets}
+      {'image': [L, S, S, 3] normalized, in image_dtype(config), 'label': float32 [L, num_classes]
+      soft targets}
       with L = batch_size * update_freq // process_count; row r belongs to micro-batch
       r % update_freq, and Mixup/CutMix mixes within groups of config.data.mixup_group_size
       consecutive rows of a micro-batch (see mix_groups).
@@ -270,6 +286,7 @@ def eval_dataset(config, *, process_index=None, process_count=None):
     read, n = _reader(builder, config.data.eval_split, rows)
     parse = _parser(builder)
     num_batches = -(-n // config.batch_size)
+    dtype = image_dtype(config)
 
     def load_batch(k):
         # Global batch k holds examples [k * B, (k + 1) * B); this host takes its rows of it, and
@@ -281,7 +298,7 @@ def eval_dataset(config, *, process_index=None, process_count=None):
 
     def load_example(element):
         jpeg, label = parse(element['record'])
-        image = augment.eval_transform(jpeg, config.data, config.image_size)
+        image = tf.cast(augment.eval_transform(jpeg, config.data, config.image_size), dtype)
         return {'image': image, 'label': tf.where(element['mask'], label, 0), 'mask': element['mask']}
 
     ds = _map(tf.data.Dataset.range(num_batches), load_batch, 2).unbatch()
@@ -299,7 +316,7 @@ def eval_iterator(config, *, process_index=None, process_count=None):
 
     Returns:
       An iterator of
-      {'image': float32 [L, S, S, 3], 'label': int32 [L], 'mask': bool [L]}, L = batch_size //
+      {'image': [L, S, S, 3] in image_dtype(config), 'label': int32 [L], 'mask': bool [L]}, L = batch_size //
       process_count; each real example appears exactly once over all hosts with mask True.
     """
     dataset = eval_dataset(config, process_index=process_index, process_count=process_count)
