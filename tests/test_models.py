@@ -239,6 +239,21 @@ def test_batchnorm_running_statistics_follow_pytorch():
     np.testing.assert_allclose(upd['batch_stats']['var'], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
 
 
+def test_batchnorm_one_pass_statistics_do_not_cancel():
+    """Both moments in one pass, shifted by the running mean: a channel whose mean is 100 times its
+    spread gets the two-pass variance to 1e-5 once the running mean has followed it."""
+    bn = rest_jax.models.layers.BatchNorm(momentum=1.0)     # the running statistics become the batch's
+    x = (jax.random.normal(jax.random.key(1), (8, 6, 6, 3)) * jnp.array([1.0, 0.5, 2.0])
+         + jnp.array([100.0, -50.0, 0.0]))
+    v = bn.init(jax.random.key(0), x, train=False)
+    _, first = bn.apply(v, x, train=True, mutable=['batch_stats'])
+    y, second = bn.apply({**v, **first}, x, train=True, mutable=['batch_stats'])
+    flat = np.asarray(x, np.float64).reshape(-1, 3)
+    np.testing.assert_allclose(second['batch_stats']['var'], flat.var(0, ddof=1), rtol=1e-5)
+    expected = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 3), expected, atol=1e-4)
+
+
 @pytest.mark.parametrize('stride,pad,kernel,mult', [(1, 1, 3, 1), (8, 4, 9, 1), (4, 2, 5, 1), (2, 1, 3, 1), (1, 1, 3, 4)])
 def test_depthwise_shift_equals_grouped_conv(stride, pad, kernel, mult):
     x = jax.random.normal(jax.random.key(0), (2, 19, 23, 6))

@@ -158,9 +158,13 @@ class BatchNorm(nn.Module):
         ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
         axes = tuple(range(x.ndim - 1))
         if train:
-            xf = x.astype(jnp.float32)
-            mean = xf.mean(axes)
-            var = jnp.square(xf - mean).mean(axes)
+            # Both moments in one pass over x, shifted by the running mean (a constant here) so that
+            # the difference of squares does not cancel: on a TPU XLA fuses the two sums into the
+            # convolution that produced x instead of reading x again for the variance.
+            shift = lax.stop_gradient(ra_mean.value)
+            xs = x.astype(jnp.float32) - shift
+            m1, m2 = xs.mean(axes), jnp.square(xs).mean(axes)
+            mean, var = shift + m1, jnp.maximum(m2 - jnp.square(m1), 0.0)
             if not self.is_initializing():
                 n = x.size // c
                 m = self.momentum
