@@ -103,15 +103,29 @@ def test_tpu_attention_kernels_equal_the_portable_form(monkeypatch, dtype, layou
         else:   # 4 images and at most 1024 / 4 / max(c, m) queries per step, a divisor of h w
             assert tpu_attention.plan(b, h * w, c, m, dt.itemsize) == (4, {96: 8, 64: 8, 49: 1, 15: 15}[h * w], True)
 
-        def outputs(form):
-            out, vjp = jax.vjp(lambda q, k, v: form(q, k, v, heads, scale), q, k, v)
+        q_bias = jax.random.normal(keys[3], (c,), dt)
+
+        def outputs(form, biased):
+            if biased:   # the query projection's bias: its gradient summed by the backward kernel
+                out, vjp = jax.vjp(lambda q, k, v, bq: form(q, k, v, heads, scale, bq), q, k, v, q_bias)
+            else:
+                out, vjp = jax.vjp(lambda q, k, v: form(q, k, v, heads, scale), q, k, v)
             return (out, *vjp(g))
-        # forward and backward kernels, each as Mosaic's and the interpreter's (lax.platform_dependent)
-        assert str(jax.make_jaxpr(outputs, static_argnums=0)(tpu.attention)).count('pallas_call') == 4
-        for a, b_ in zip(jax.jit(outputs, static_argnums=0)(tpu.attention),
-                         jax.jit(outputs, static_argnums=0)(portable.attention)):
-            assert a.dtype == b_.dtype == dt
-            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b_, np.float32), **tol)
+        for biased in (False, True):
+            # forward and backward kernels, each as Mosaic's and the interpreter's (lax.platform_dependent)
+            assert str(jax.make_jaxpr(outputs, static_argnums=(0, 1))(tpu.attention, biased)).count('pallas_call') == 4
+            got = jax.jit(outputs, static_argnums=(0, 1))(tpu.attention, biased)
+            want = jax.jit(outputs, static_argnums=(0, 1))(portable.attention, biased)
+            assert len(got) == len(want) == 4 + biased
+            for a, b_ in zip(got[:4], want[:4]):
+                assert a.dtype == b_.dtype == dt
+                np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b_, np.float32), **tol)
+            if biased:   # q_bias's gradient: q's summed in float32 (XLA:CPU's bfloat16 sum is the coarser one)
+                assert got[4].dtype == dt
+                np.testing.assert_allclose(np.asarray(got[4], np.float32),
+                                           np.asarray(got[1], np.float32).sum((0, 1, 2)), rtol=1e-2 if dt != jnp.float32 else 1e-5, atol=1e-4)
+                if dt == jnp.float32:
+                    np.testing.assert_allclose(got[4], want[4], **tol)
 
 
 def test_tpu_attention_layouts():
@@ -311,16 +325,20 @@ def test_tpu_pixel_attention_kernels_equal_the_portable_form(monkeypatch, dtype)
         kernel, bias = 0.5 * jax.random.normal(keys[1], (3, 3, 1, c)), 0.5 * jax.random.normal(keys[2], (c,))
         scale, shift = 1 + 0.3 * jax.random.normal(keys[3], (c,)), 0.3 * jax.random.normal(keys[4], (c,))
         g = jax.random.normal(keys[5], x.shape, dt)
-        for norm in (True, False):
-            def outputs(form, x, kernel, bias, scale, shift):
-                out, vjp = jax.vjp(lambda *a: form(*a[:3], (*a[3:], 1e-6) if norm else None), x, kernel, bias, scale, shift)
+        x_bias = 0.5 * jax.random.normal(keys[5], (c,))
+        for norm, biased in ((True, False), (False, False), (True, True)):
+            def outputs(form, x, kernel, bias, scale, shift, x_bias):
+                def f(x, kernel, bias, scale, shift, x_bias):
+                    return form(x, kernel, bias, (scale, shift, 1e-6) if norm else None, x_bias if biased else None)
+                out, vjp = jax.vjp(f, x, kernel, bias, scale, shift, x_bias)
                 return (out, *vjp(g.astype(out.dtype)))
-            args = (x, kernel.astype(dt), bias.astype(dt), scale, shift)
+            args = (x, kernel.astype(dt), bias.astype(dt), scale, shift, x_bias.astype(dt))
             # forward and backward kernels, each as Mosaic's and the interpreter's (lax.platform_dependent)
             assert str(jax.make_jaxpr(outputs, static_argnums=0)(tpu.pixel_attention, *args)).count('pallas_call') == 4
             got = jax.jit(outputs, static_argnums=0)(tpu.pixel_attention, *args)
             want = jax.jit(outputs, static_argnums=0)(portable.pixel_attention, *[a.astype(jnp.float32) for a in args])
-            for a, ref, arg in list(zip(got, want, (x, *args)))[:4 + 2 * norm]:
+            checked = [i for i in range(7) if i < 4 or (norm and i in (4, 5)) or (biased and i == 6)]
+            for a, ref, arg in [(got[i], want[i], (x, *args)[i]) for i in checked]:
                 assert a.shape == ref.shape and a.dtype == arg.dtype
                 a, ref = np.asarray(a, np.float32), np.asarray(ref, np.float32)
                 if dt == jnp.float32:

@@ -25,9 +25,29 @@ Dtype = Any
 weight_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
-def dense(features: int, *, use_bias: bool = True, dtype: Dtype, name: str) -> nn.Dense:
-    """`nn.Linear`: Flax's Dense with the official initialisation."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=weight_init, name=name)
+def dense(features: int, *, use_bias: bool = True, dtype: Dtype, name: str) -> Dense:
+    """`nn.Linear(C, features)` (`Dense`)."""
+    return Dense(features, use_bias=use_bias, dtype=dtype, name=name)
+
+
+class Dense(nn.Module):
+    """`nn.Linear(C, features)`: Flax's nn.Dense (parameters 'kernel' (C, features) and 'bias', the same
+    arithmetic) with the official initialisation."""
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, bias_apart: bool = False) -> jax.Array | tuple[jax.Array, jax.Array | None]:
+        """x @ kernel + bias over x's last axis, in `dtype`; with `bias_apart`, (x @ kernel, the bias or
+        None) for an op that adds the bias itself."""
+        kernel = self.param('kernel', weight_init, (x.shape[-1], self.features))
+        bias = (self.param('bias', nn.initializers.zeros_init(), (self.features,)).astype(self.dtype)
+                if self.use_bias else None)
+        y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+        if bias_apart:
+            return y, bias
+        return y if bias is None else y + bias
 
 
 class Conv(nn.Module):
@@ -40,13 +60,16 @@ class Conv(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, bias_apart: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """The convolution of x; with `bias_apart`, (the convolution without its bias, the bias) for an op
+        that adds the bias itself."""
         k = self.kernel_size
         kernel = self.param('kernel', weight_init, (k, k, x.shape[-1], self.features))
         y = ops.conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.pad)
-        if self.use_bias:
-            y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
-        return y
+        bias = self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype) if self.use_bias else None
+        if bias_apart:
+            return y, bias
+        return y if bias is None else y + bias
 
 
 class DepthwiseConv(nn.Module):
@@ -103,11 +126,12 @@ class PA(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, norm: tuple | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, norm: tuple | None = None, x_bias: jax.Array | None = None) -> jax.Array:
         """`norm` (a `LayerNormParams`' scale and bias, and eps): then that LayerNorm, in one op that a
-        kernel form may fuse."""
+        kernel form may fuse; `x_bias`: PA of x + x_bias (the bias of the convolution before it, which
+        the op adds itself: `Conv(..., bias_apart=True)`)."""
         kernel, bias = DepthwiseConvParams(x.shape[-1], name='pa_conv')()
-        return ops.pixel_attention(x, kernel.astype(self.dtype), bias.astype(self.dtype), norm)
+        return ops.pixel_attention(x, kernel.astype(self.dtype), bias.astype(self.dtype), norm, x_bias)
 
 
 class LayerNorm(nn.Module):

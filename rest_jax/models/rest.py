@@ -36,7 +36,7 @@ class Attention(nn.Module):
         b, h, w, c = x.shape
         heads, hd = self.num_heads, c // self.num_heads
         scale = self.qk_scale or hd ** -0.5
-        q = layers.dense(c, use_bias=self.qkv_bias, dtype=self.dtype, name='q')(x)
+        q, q_bias = layers.dense(c, use_bias=self.qkv_bias, dtype=self.dtype, name='q')(x, bias_apart=True)
         if self.sr_ratio > 1:
             r = self.sr_ratio
             x = layers.DepthwiseConv(c, r + 1, r, r // 2, dtype=self.dtype, name='sr')(x)
@@ -45,10 +45,11 @@ class Attention(nn.Module):
         kv = kv.reshape(b, -1, 2 * c)
         k, v = kv[..., :c], kv[..., c:]     # channel i c + j: the official (2, heads, head_dim) order
         if not (self.apply_transform and heads > 1):
-            out = ops.attention(q, k, v, heads, scale)
+            out = ops.attention(q, k, v, heads, scale, q_bias)   # the bias added (and differentiated) there
             return layers.dense(c, dtype=self.dtype, name='proj')(out)
 
         m = k.shape[1]
+        q = q if q_bias is None else q + q_bias
         attn = jnp.einsum('bnhd,bmhd->bhnm', q.reshape(b, h * w, heads, hd), k.reshape(b, m, heads, hd),
                           preferred_element_type=jnp.float32) * scale
         attn = HeadTransform(heads, dtype=self.dtype, name='transform_conv')(attn)

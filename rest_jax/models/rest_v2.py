@@ -36,14 +36,14 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         heads, hd, r = self.num_heads, c // self.num_heads, self.sr_ratio
-        q = layers.dense(c, dtype=self.dtype, name='q')(x)
+        q, q_bias = layers.dense(c, dtype=self.dtype, name='q')(x, bias_apart=True)   # the bias: in ops.attention
         if r > 1:
             x = layers.DepthwiseConv(c, r + 1, r, r // 2, dtype=self.dtype, name='sr')(x)
             x = layers.LayerNorm(LN_EPS, self.dtype, name='sr_norm')(x)
         hr, wr = x.shape[1:3]
         kv = layers.dense(2 * c, dtype=self.dtype, name='kv')(x).reshape(b, hr * wr, 2 * c)
         k, v = kv[..., :c], kv[..., c:]     # channel i c + j: the official (2, heads, head_dim) order
-        out = ops.attention(q, k, v, heads, hd ** -0.5)
+        out = ops.attention(q, k, v, heads, hd ** -0.5, q_bias)
 
         # The official code reshapes v (B, heads, M, hd) to (B, C, H/sr, W/sr): channel = head * hd + d,
         # which is exactly the (heads, hd) order of our last axis.
@@ -89,9 +89,9 @@ class ConvStem(nn.Module):
         x = nn.relu(layers.BatchNorm(dtype=self.dtype, name='proj_1')(x, train))
         x = layers.Conv(self.out_ch, 3, 2, 1, use_bias=False, **kw, name='proj_3')(x)
         x = nn.relu(layers.BatchNorm(dtype=self.dtype, name='proj_4')(x, train))
-        x = layers.Conv(self.out_ch, 1, 1, 0, use_bias=True, **kw, name='proj_6')(x)
+        x, bias = layers.Conv(self.out_ch, 1, 1, 0, use_bias=True, **kw, name='proj_6')(x, bias_apart=True)
         norm = layers.LayerNormParams(name='norm')(self.out_ch)
-        return layers.PA(self.dtype, name='pos')(x, norm=(*norm, LN_EPS))
+        return layers.PA(self.dtype, name='pos')(x, norm=(*norm, LN_EPS), x_bias=bias)
 
 
 class PatchEmbed(nn.Module):
@@ -103,9 +103,9 @@ class PatchEmbed(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no BatchNorm here; same signature as ConvStem
         kw = dict(dtype=self.dtype)
-        x = layers.Conv(self.out_ch, 3, 2, 1, use_bias=True, **kw, name='proj')(x)
+        x, bias = layers.Conv(self.out_ch, 3, 2, 1, use_bias=True, **kw, name='proj')(x, bias_apart=True)
         norm = layers.LayerNormParams(name='norm')(self.out_ch)
-        return layers.PA(self.dtype, name='pos')(x, norm=(*norm, LN_EPS))
+        return layers.PA(self.dtype, name='pos')(x, norm=(*norm, LN_EPS), x_bias=bias)
 
 
 class ResTV2(Backbone):

@@ -31,9 +31,12 @@ def _forms():
     return _FORMS[active()]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float) -> jax.Array:
-    """Softmax attention per head: q (B, H, W, C) over keys and values (B, M, C), logits times `scale`."""
-    return _forms().attention(q, k, v, heads, scale)
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float,
+              q_bias: jax.Array | None = None) -> jax.Array:
+    """Softmax attention per head: q (B, H, W, C) over keys and values (B, M, C), logits times `scale`;
+    with `q_bias` (C,), of q + q_bias (the query projection's bias: one op, so that a form can sum its
+    gradient in the same pass that writes q's)."""
+    return _forms().attention(q, k, v, heads, scale, q_bias)
 
 
 def conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
@@ -62,11 +65,13 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array
     return _forms().mlp(x, w1, b1, w2, b2, dtype, norm)
 
 
-def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tuple | None = None) -> jax.Array:
+def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tuple | None = None,
+                    x_bias: jax.Array | None = None) -> jax.Array:
     """Pixel attention: x * sigmoid(depthwise 3x3 conv of x + bias), kernel (3, 3, 1, C) and bias (C,) in
     the compute dtype; with `norm` (scale, bias, eps), then a LayerNorm over C (one op, so that a form
-    can fuse the norm)."""
-    return _forms().pixel_attention(x, kernel, bias, norm)
+    can fuse the norm); with `x_bias` (C,), of x + x_bias (the bias of the convolution before it, so that
+    a form can sum its gradient in the same pass that writes x's)."""
+    return _forms().pixel_attention(x, kernel, bias, norm, x_bias)
 
 
 def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:

@@ -288,9 +288,10 @@ _strided_depthwise = _differentiated_as(
     _blocked_depthwise, forward_too=True)
 
 
-def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tuple | None = None) -> jax.Array:
+def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tuple | None = None,
+                    x_bias: jax.Array | None = None) -> jax.Array:
     """`portable.pixel_attention` with this module's depthwise conv, PA fence and LayerNorm."""
-    return portable.compose_pixel_attention(x, kernel, bias, norm, depthwise_conv, pa_fence, layer_norm)
+    return portable.compose_pixel_attention(x, kernel, bias, norm, x_bias, depthwise_conv, pa_fence, layer_norm)
 
 
 # --- ResTv2's upsample branch ---------------------------------------------------------------------

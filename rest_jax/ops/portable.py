@@ -59,15 +59,18 @@ def finish_upsample(y: jax.Array, norm: tuple | None, add: jax.Array | None, nor
     return y if add is None else add + y[:, :add.shape[1], :add.shape[2]]
 
 
-def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tuple | None = None) -> jax.Array:
+def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tuple | None = None,
+                    x_bias: jax.Array | None = None) -> jax.Array:
     """Pixel attention, ResT's position encoding: x * sigmoid(depthwise 3x3 conv (pad 1) of x + bias), in
     kernel's dtype; with `norm` (scale, bias, eps), then `layer_norm` over C in the output's dtype (the
-    LayerNorm after ResTv2's stem and patch embeddings). kernel (3, 3, 1, C), bias (C,)."""
-    return compose_pixel_attention(x, kernel, bias, norm, depthwise_conv, pa_fence, layer_norm)
+    LayerNorm after ResTv2's stem and patch embeddings); with `x_bias` (C,), of x + x_bias (the bias of
+    the convolution before it). kernel (3, 3, 1, C), bias (C,)."""
+    return compose_pixel_attention(x, kernel, bias, norm, x_bias, depthwise_conv, pa_fence, layer_norm)
 
 
-def compose_pixel_attention(x, kernel, bias, norm, depthwise_form, fence_form, norm_form) -> jax.Array:
+def compose_pixel_attention(x, kernel, bias, norm, x_bias, depthwise_form, fence_form, norm_form) -> jax.Array:
     """`pixel_attention` from a form's depthwise conv, PA fence and LayerNorm."""
+    x = x if x_bias is None else x + x_bias
     out = fence_form(x * jax.nn.sigmoid(depthwise_form(x.astype(kernel.dtype), kernel, 1, 1) + bias))
     return out if norm is None else norm_form(out, *norm, out.dtype)
 
@@ -82,18 +85,22 @@ def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:
     return x.reshape(b, h * r, w * r, c)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float,
+              q_bias: jax.Array | None = None) -> jax.Array:
     """Softmax attention of every query over reduced keys and values, per head.
 
     Args:
       q: (B, H, W, C) queries; channel c belongs to head c // (C / heads), the official (heads, head_dim) order.
       k, v: (B, M, C) keys and values (EMSA's reduced token grid, M = H W / r^2).
       heads: the number of heads; scale: the logits' factor (head_dim^-0.5 unless set).
+      q_bias: (C,) or None: the queries are q + q_bias (the query projection's bias).
 
     Returns:
       (B, H, W, C) in q's dtype: logits and softmax in float32, the probabilities cast to q's dtype for
       the product with v.
     """
+    if q_bias is not None:
+        q = q + q_bias
     b, h, w, c = q.shape
     m, hd = k.shape[1], c // heads
     logits = jnp.einsum('bnhd,bmhd->bhnm', q.reshape(b, h * w, heads, hd), k.reshape(b, m, heads, hd),

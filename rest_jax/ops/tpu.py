@@ -22,7 +22,8 @@ __all__ = ['attention', 'block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_
            'pixel_attention', 'pixel_shuffle', 'upsample']
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float,
+              q_bias: jax.Array | None = None) -> jax.Array:
     """`portable.attention` as Pallas kernels that keep the logits in VMEM (`tpu_attention`); the
     portable form where a block of queries and its logits would not fit there, and where the batch may
     be split over devices with no mesh in context to split the kernels by (XLA's partitioner cannot
@@ -30,8 +31,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
     b, h, w, c = q.shape
     if (not pallas_lowering.splittable() or tpu_attention.plan(pallas_lowering.local_batch(b), h * w, c, k.shape[1],
                                                               q.dtype.itemsize) is None):
-        return portable.attention(q, k, v, heads, scale)
-    return tpu_attention.attention(q.reshape(b, h * w, c), k, v, heads, scale).reshape(q.shape)
+        return portable.attention(q, k, v, heads, scale, q_bias)
+    return tpu_attention.attention(q.reshape(b, h * w, c), k, v, heads, scale, q_bias).reshape(q.shape)
 
 
 def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, dtype,
@@ -53,15 +54,16 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array
 TRANSPOSED_RATIOS = (4, 8)
 
 
-def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tuple | None = None) -> jax.Array:
+def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tuple | None = None,
+                    x_bias: jax.Array | None = None) -> jax.Array:
     """Pixel attention and its LayerNorm (`norm`) as Pallas kernels that read x once and write the
     output once (`tpu_pa`), where a block of images and rows fits VMEM and the batch can be split (as
     `attention`); the portable form elsewhere."""
     b, h, w, c = x.shape
     if (pallas_lowering.splittable() and x.dtype == kernel.dtype and kernel.shape[:2] == (3, 3)
             and tpu_pa.plan(pallas_lowering.local_batch(b), h, w, c, x.dtype.itemsize)):
-        return tpu_pa.pixel_attention(x, kernel, bias, norm)
-    return portable.pixel_attention(x, kernel, bias, norm)
+        return tpu_pa.pixel_attention(x, kernel, bias, norm, x_bias)
+    return portable.pixel_attention(x, kernel, bias, norm, x_bias)
 
 
 def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm: tuple | None = None,

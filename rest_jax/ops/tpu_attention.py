@@ -101,16 +101,22 @@ def plan(b, n: int, c: int, m: int, itemsize: int) -> tuple[int, int, bool] | No
     return None if t is None else (1, t, False)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float,
+              q_bias: jax.Array | None = None) -> jax.Array:
     """`portable.attention` as Pallas kernels (see the module docstring): q (B, N, C) here, the tokens
-    flattened. Callers check `plan` (for the batch of one kernel call) first."""
+    flattened; with `q_bias` (C,), of q + q_bias, whose gradient the backward kernel sums as it writes
+    q's (XLA would read q's gradient again for it). Callers check `plan` (for the batch of one kernel
+    call) first."""
     b, n, c = q.shape
-    fn = functools.partial(_attention, heads=heads, scale=scale)
+    if q_bias is None:
+        fn, args, replicated = functools.partial(_attention, heads=heads, scale=scale), (q, k, v), 0
+    else:
+        fn, args, replicated = functools.partial(_biased_attention, heads=heads, scale=scale), (q_bias, q, k, v), 1
     axes = pallas_lowering.batch_axes(b)
     if axes:
-        fn = jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(axes),) * 3, out_specs=P(axes),
-                           check_vma=False)
-    return fn(q, k, v)
+        fn = jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(),) * replicated + (P(axes),) * 3,
+                           out_specs=P(axes), check_vma=False)
+    return fn(*args)
 
 
 def _batched(contract):
@@ -149,15 +155,19 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *scratch, heads, scale):
         o_ref[...] = jnp.swapaxes(o[...], 0, 1)
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, g_ref, dq_ref, dk_ref, dv_ref, *scratch, heads, scale):
+def _backward_kernel(q_ref, k_ref, v_ref, g_ref, dq_ref, dk_ref, dv_ref, *scratch, heads, scale, q_sums):
+    dqs_ref, scratch = (scratch[0], scratch[1:]) if q_sums else (None, scratch)
     q_all, k_all, v_all, g_all = _image_major([q_ref, k_ref, v_ref, g_ref], scratch)
     dq, dk, dv = scratch[4:] if scratch else (dq_ref, dk_ref, dv_ref)
 
-    # dk and dv are summed over the query blocks of the images: they stay in VMEM along grid axis 1.
+    # dk and dv (and q_bias's gradient) are summed over the query blocks of the images: they stay in
+    # VMEM along grid axis 1.
     @pl.when(pl.program_id(1) == 0)
     def _():
         dk[...] = jnp.zeros_like(dk)
         dv[...] = jnp.zeros_like(dv)
+        if q_sums:
+            dqs_ref[...] = jnp.zeros_like(dqs_ref)
 
     hd = q_all.shape[-1] // heads
     over_queries = _batched(((1,), (1,)))
@@ -171,6 +181,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, dq_ref, dk_ref, dv_ref, *scratc
                                          preferred_element_type=jnp.float32).astype(dq.dtype)
         dk[:, :, cols] += lax.dot_general(ds.astype(q.dtype), q, over_queries, preferred_element_type=jnp.float32)
         dv[:, :, cols] += lax.dot_general(p.astype(g.dtype), g, over_queries, preferred_element_type=jnp.float32)
+    if q_sums:      # q_bias's gradient: the sum of q's gradient as given, over the block's images and queries
+        dqs_ref[...] += jnp.sum(dq[...].astype(jnp.float32), axis=(0, 1), keepdims=True)
     if scratch:
         dq_ref[...] = jnp.swapaxes(dq[...], 0, 1)
 
@@ -222,7 +234,7 @@ def _forward_call(q, k, v, *, heads, scale, images, t, tokens, interpret):
         cost_estimate=cost, interpret=interpret, name='emsa_attention')(q, k, v)
 
 
-def _backward_call(q, k, v, g, *, heads, scale, images, t, tokens, interpret):
+def _backward_call(q, k, v, g, *, heads, scale, images, t, tokens, interpret, q_sums=False):
     b, n, c, m = _sizes(q, k, tokens)
     queries, keys, grid = _specs(q, k, images, t, tokens)
     # dk, dv: float32 sums over the query blocks; tokens-major, summed in VMEM scratch and given rounded
@@ -231,18 +243,22 @@ def _backward_call(q, k, v, g, *, heads, scale, images, t, tokens, interpret):
     cost = pallas_lowering.cost(b, flops=10 * b * n * m * c, transcendentals=b * heads * n * m,
                                 bytes_accessed=q.dtype.itemsize * (3 * b * n * c + 2 * b * m * c)
                                 + summed.dtype.itemsize * 2 * b * m * c)
+    # q_bias's gradient: float32 sums over each grid row's images and queries, one row per image block
+    q_sum = [pl.BlockSpec((1, 1, c), lambda i, j: (i, 0, 0))] if q_sums else []
+    q_sum_shape = [jax.ShapeDtypeStruct((grid[0], 1, c), jnp.float32)] if q_sums else []
     return pl.pallas_call(
-        functools.partial(_backward_kernel, heads=heads, scale=scale), grid=grid,
-        in_specs=[queries, keys, keys, queries], out_specs=[queries, keys, keys],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), summed, summed],
+        functools.partial(_backward_kernel, heads=heads, scale=scale, q_sums=q_sums), grid=grid,
+        in_specs=[queries, keys, keys, queries], out_specs=[queries, keys, keys, *q_sum],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), summed, summed, *q_sum_shape],
         scratch_shapes=_scratch(q, m, images, t, tokens, backward=True),
         compiler_params=pallas_lowering.compiler_params('parallel', 'arbitrary'),
         cost_estimate=cost, interpret=interpret, name='emsa_attention_backward')(q, k, v, g)
 
 
-def _call(kernel_call, heads, scale, q, k, v, *g):
+def _call(kernel_call, heads, scale, q, k, v, *g, **options):
     """kernel_call on q, k, v (and g) in `plan`'s layout: tokens-major, (N, B, C) and (M, B, C), or rows
-    with q (and g) padded with zero queries to whole steps; its results back as (B, N, C) (and (B, M, C))."""
+    with q (and g) padded with zero queries to whole steps; its results back as (B, N, C) (and (B, M, C)),
+    and after them, as they are, any further results (`options` ask for them)."""
     (b, n, c), m = q.shape, k.shape[1]
     images, t, tokens = plan(b, n, c, m, q.dtype.itemsize)
     padded = -(-n // t) * t
@@ -251,11 +267,12 @@ def _call(kernel_call, heads, scale, q, k, v, *g):
     else:
         q, *g = [jnp.pad(a, ((0, 0), (0, padded - n), (0, 0))) for a in (q, *g)]
     out = pallas_lowering.on_platform(
-        functools.partial(kernel_call, heads=heads, scale=scale, images=images, t=t, tokens=tokens),
+        functools.partial(kernel_call, heads=heads, scale=scale, images=images, t=t, tokens=tokens, **options),
         q, k, v, *g)
     out = list(out) if g else [out]
+    out, more = out[:3], out[3:]
     out = [jnp.swapaxes(a, 0, 1) for a in out] if tokens else [out[0][:, :n], *out[1:]]
-    return out if g else out[0]
+    return [*out, *more] if g else out[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -274,3 +291,23 @@ def _attention_bwd(heads, scale, residuals, g):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _biased_attention(q_bias, q, k, v, heads, scale):
+    # q + q_bias is one XLA op, fused into the query projection that produced q.
+    return _call(_forward_call, heads, scale, q + q_bias, k, v)
+
+
+def _biased_attention_fwd(q_bias, q, k, v, heads, scale):
+    qb = q + q_bias
+    return _call(_forward_call, heads, scale, qb, k, v), (qb, k, v, q_bias)
+
+
+def _biased_attention_bwd(heads, scale, residuals, g):
+    q, k, v, q_bias = residuals
+    dq, dk, dv, dqs = _call(_backward_call, heads, scale, q, k, v, g.astype(q.dtype), q_sums=True)
+    return dqs.sum((0, 1)).astype(q_bias.dtype), dq, dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_biased_attention.defvjp(_biased_attention_fwd, _biased_attention_bwd)

@@ -77,12 +77,16 @@ def plan(b, h: int, w: int, c: int, itemsize: int) -> tuple[int, int, int] | Non
     return min(plans, key=lambda p: (reread(p), -p[0])) if plans else None
 
 
-def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tuple | None = None) -> jax.Array:
+def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tuple | None = None,
+                    x_bias: jax.Array | None = None) -> jax.Array:
     """x * sigmoid(depthwise 3x3 conv of x + bias), x (B, H, W, C), kernel (3, 3, 1, C), bias (C,); with
-    `norm` (scale, bias, eps), then a LayerNorm over C (`portable.layer_norm`). Output in x's dtype.
-    Callers check `plan` first."""
+    `norm` (scale, bias, eps), then a LayerNorm over C (`portable.layer_norm`); with `x_bias` (C,), of
+    x + x_bias, whose gradient the backward kernel sums as it writes x's (XLA would read x's gradient
+    again for it). Output in x's dtype. Callers check `plan` first."""
     c = x.shape[-1]
     scale, shift, eps = norm if norm is not None else (jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32), 0.0)
+    if x_bias is not None:
+        return _biased_pixel_attention(x_bias, x, kernel, bias, scale, shift, norm is not None, eps)
     return _pixel_attention(x, kernel, bias, scale, shift, norm is not None, eps)
 
 
@@ -155,13 +159,16 @@ def _forward_kernel(w_ref, b_ref, s_ref, t_ref, x_ref, *refs, h, rows, norm, eps
     _pieces(0, rows, w, piece)
 
 
-def _backward_kernel(w_ref, b_ref, s_ref, x_ref, *refs, h, rows, norm, eps):
-    halo = len(refs) == 17
+def _backward_kernel(w_ref, b_ref, s_ref, x_ref, *refs, h, rows, norm, eps, x_sums):
+    halo = len(refs) == 17 + 2 * x_sums
     if halo:
         x_halo, (g_ref, g_top, g_bottom), refs = refs[:4], refs[4:7], refs[7:]
     else:
         x_halo, (g_ref, g_top, g_bottom), refs = [None] * 4, (refs[0], None, None), refs[1:]
-    dx_ref, dw_ref, db_ref, dst_ref, xt, du, dzs, dw, db, dst = refs
+    if x_sums:
+        dx_ref, dw_ref, db_ref, dst_ref, dxs_ref, xt, du, dzs, dw, db, dst, dxs = refs
+    else:
+        (dx_ref, dw_ref, db_ref, dst_ref, xt, du, dzs, dw, db, dst), dxs_ref, dxs = refs, None, None
     y, w = pl.program_id(1), xt.shape[1] - 2
     p = _pixels_per_piece(w)
 
@@ -170,6 +177,8 @@ def _backward_kernel(w_ref, b_ref, s_ref, x_ref, *refs, h, rows, norm, eps):
         dw[...] = jnp.zeros_like(dw)
         db[...] = jnp.zeros_like(db)
         dst[...] = jnp.zeros_like(dst)
+        if x_sums:
+            dxs[...] = jnp.zeros_like(dxs)
 
     _load(xt, x_ref, x_halo[:2], x_halo[2:], y, rows, h)
     edge = jnp.zeros((du.shape[0], 1, *du.shape[2:]), jnp.float32)
@@ -213,7 +222,10 @@ def _backward_kernel(w_ref, b_ref, s_ref, x_ref, *refs, h, rows, norm, eps):
         acc = dzs[r, pl.ds(x0, p)]
         for t, (dy, dx) in enumerate(_TAPS):
             acc = acc + w_ref[pl.ds(t, 1), :] * du[r + 2 - dy, pl.ds(x0 + 2 - dx, p)]
-        dx_ref[pl.ds(r * w + x0, p)] = acc.astype(dx_ref.dtype)
+        dx = acc.astype(dx_ref.dtype)
+        dx_ref[pl.ds(r * w + x0, p)] = dx
+        if x_sums:      # x_bias's gradient: the sum of x's gradient as given, over pixels and images
+            dxs[0] += jnp.sum(dx.astype(jnp.float32), axis=0)
 
     _pieces(0, rows, w, dx_piece)
 
@@ -225,6 +237,8 @@ def _backward_kernel(w_ref, b_ref, s_ref, x_ref, *refs, h, rows, norm, eps):
         db_ref[0] = jnp.sum(db[0], axis=0, keepdims=True)
         for k in range(2):
             dst_ref[0, pl.ds(k, 1), :] = jnp.sum(dst[k], axis=0, keepdims=True)
+        if x_sums:
+            dxs_ref[0] = jnp.sum(dxs[0], axis=0, keepdims=True)
 
 
 def _row_specs(w, c, images, rows, h, depth):
@@ -256,7 +270,7 @@ def _forward_call(w, b, s, t, x, *, h, plan_, norm, eps, interpret):
         cost_estimate=cost, interpret=interpret, name='pixel_attention')(w, b, s, t, x, *[x] * len(halo))
 
 
-def _backward_call(w, b, s, x, g, *, h, plan_, norm, eps, interpret):
+def _backward_call(w, b, s, x, g, *, h, plan_, norm, eps, x_sums, interpret):
     m, batch, c = x.shape
     wd, (images, _, rows) = m // h, plan_
     main, x_halo = _row_specs(wd, c, images, rows, h, 2)
@@ -267,19 +281,17 @@ def _backward_call(w, b, s, x, g, *, h, plan_, norm, eps, interpret):
     reads = n * (2 * rows + len(x_halo) + len(g_halo)) // rows          # x and g with their halo rows
     cost = pallas_lowering.cost(batch, flops=100 * n, transcendentals=n + (n // c if norm else 0),
                                 bytes_accessed=x.dtype.itemsize * (reads + n))
+    sums = (9, 1, 2, 1) if x_sums else (9, 1, 2)      # per image block: dw, db, d(scale, shift), d x_bias
     return pl.pallas_call(
-        functools.partial(_backward_kernel, h=h, rows=rows, norm=norm, eps=eps),
+        functools.partial(_backward_kernel, h=h, rows=rows, norm=norm, eps=eps, x_sums=x_sums),
         grid=(blocks, h // rows), in_specs=[*params, main, *x_halo, main, *g_halo],
-        out_specs=[main, per_block(9), per_block(1), per_block(2)],
+        out_specs=[main, *[per_block(k) for k in sums]],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
-                   jax.ShapeDtypeStruct((blocks, 9, c), jnp.float32),
-                   jax.ShapeDtypeStruct((blocks, 1, c), jnp.float32),
-                   jax.ShapeDtypeStruct((blocks, 2, c), jnp.float32)],
+                   *[jax.ShapeDtypeStruct((blocks, k, c), jnp.float32) for k in sums]],
         scratch_shapes=[pltpu.VMEM((rows + 4, wd + 2, images, c), jnp.float32),
                         pltpu.VMEM((rows + 2, wd + 2, images, c), jnp.float32),
                         pltpu.VMEM((rows, wd, images, c), jnp.float32),
-                        pltpu.VMEM((9, images, c), jnp.float32), pltpu.VMEM((1, images, c), jnp.float32),
-                        pltpu.VMEM((2, images, c), jnp.float32)],
+                        *[pltpu.VMEM((k, images, c), jnp.float32) for k in sums]],
         compiler_params=pallas_lowering.compiler_params('parallel', 'arbitrary'),
         cost_estimate=cost, interpret=interpret, name='pixel_attention_backward')(
             w, b, s, x, *[x] * len(x_halo), g, *[g] * len(g_halo))
@@ -303,20 +315,22 @@ def _forward(x, kernel, bias, scale, shift, norm, eps):
     return pallas_lowering.split_batch(local, b, 4, 1)(*params, x)
 
 
-def _backward(x, kernel, bias, scale, shift, g, norm, eps):
+def _backward(x, kernel, bias, scale, shift, g, norm, eps, x_sums=False):
+    """The gradients of x, kernel, bias, scale and shift; with `x_sums`, then the sum of x's over the
+    batch and the pixels (C,) in float32."""
     b, h, w, c = x.shape
     wt, bt, st, _ = _params(kernel, bias, scale, shift)
 
     def local(*args):
         *params, x, g = args
-        call = functools.partial(_backward_call, h=h, plan_=_plan(x), norm=norm, eps=eps)
-        dx, dw, db, dst = pallas_lowering.on_platform(call, *params, tokens(x), tokens(g))
-        return jnp.swapaxes(dx, 0, 1).reshape(x.shape), dw, db, dst
+        call = functools.partial(_backward_call, h=h, plan_=_plan(x), norm=norm, eps=eps, x_sums=x_sums)
+        dx, *sums = pallas_lowering.on_platform(call, *params, tokens(x), tokens(g))
+        return jnp.swapaxes(dx, 0, 1).reshape(x.shape), *sums
 
-    dx, dw, db, dst = pallas_lowering.split_batch(local, b, 3, 2)(wt, bt, st, x, g)
+    dx, dw, db, dst, *dxs = pallas_lowering.split_batch(local, b, 3, 2)(wt, bt, st, x, g)
     dscale, dshift = dst.sum(0)
     return (dx, dw.sum(0).reshape(kernel.shape).astype(kernel.dtype), db.sum(0).reshape(bias.shape).astype(bias.dtype),
-            dscale.astype(scale.dtype), dshift.astype(shift.dtype))
+            dscale.astype(scale.dtype), dshift.astype(shift.dtype), *[d.sum((0, 1)) for d in dxs])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -341,3 +355,23 @@ def _pixel_attention_bwd(norm, eps, residuals, g):
 
 
 _pixel_attention.defvjp(_pixel_attention_fwd, _pixel_attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _biased_pixel_attention(x_bias, x, kernel, bias, scale, shift, norm, eps):
+    # x + x_bias is one XLA op, fused into whatever produced x (the convolution before PA).
+    return _pixel_attention(x + x_bias, kernel, bias, scale, shift, norm, eps)
+
+
+def _biased_pixel_attention_fwd(x_bias, x, kernel, bias, scale, shift, norm, eps):
+    xb = x + x_bias
+    return _forward(xb, kernel, bias, scale, shift, norm, eps), (xb, kernel, bias, scale, shift, x_bias)
+
+
+def _biased_pixel_attention_bwd(norm, eps, residuals, g):
+    *residuals, x_bias = residuals
+    dx, *grads, dxs = _backward(*residuals, g.astype(residuals[0].dtype), norm, eps, x_sums=True)
+    return (dxs.astype(x_bias.dtype), dx, *grads)
+
+
+_biased_pixel_attention.defvjp(_biased_pixel_attention_fwd, _biased_pixel_attention_bwd)
