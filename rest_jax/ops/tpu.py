@@ -32,7 +32,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
     if (not pallas_lowering.splittable() or tpu_attention.plan(pallas_lowering.local_batch(b), h * w, c, k.shape[1],
                                                               q.dtype.itemsize) is None):
         return portable.attention(q, k, v, heads, scale, q_bias)
-    return tpu_attention.attention(q.reshape(b, h * w, c), k, v, heads, scale, q_bias).reshape(q.shape)
+    return tpu_attention.attention(q, k, v, heads, scale, q_bias)
 
 
 def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, dtype,

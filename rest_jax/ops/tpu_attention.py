@@ -103,11 +103,11 @@ def plan(b, n: int, c: int, m: int, itemsize: int) -> tuple[int, int, bool] | No
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float,
               q_bias: jax.Array | None = None) -> jax.Array:
-    """`portable.attention` as Pallas kernels (see the module docstring): q (B, N, C) here, the tokens
-    flattened; with `q_bias` (C,), of q + q_bias, whose gradient the backward kernel sums as it writes
-    q's (XLA would read q's gradient again for it). Callers check `plan` (for the batch of one kernel
-    call) first."""
-    b, n, c = q.shape
+    """`portable.attention` as Pallas kernels (see the module docstring): q (B, N, C) or (B, H, W, C),
+    the output in its shape; with `q_bias` (C,), of q + q_bias, whose gradient the backward kernel sums
+    as it writes q's (XLA would read q's gradient again for it). Callers check `plan` (for the batch of
+    one kernel call, N = H W) first."""
+    b = q.shape[0]
     if q_bias is None:
         fn, args, replicated = functools.partial(_attention, heads=heads, scale=scale), (q, k, v), 0
     else:
@@ -275,39 +275,49 @@ def _call(kernel_call, heads, scale, q, k, v, *g, **options):
     return [*out, *more] if g else out[0]
 
 
+def _tokens(q):
+    """q (B, ..., C) as (B, N, C)."""
+    return q.reshape(q.shape[0], -1, q.shape[-1])
+
+
+def _forward(q, k, v, heads, scale):
+    return _call(_forward_call, heads, scale, _tokens(q), k, v).reshape(q.shape)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _attention(q, k, v, heads, scale):
-    return _call(_forward_call, heads, scale, q, k, v)
+    return _forward(q, k, v, heads, scale)
 
 
 def _attention_fwd(q, k, v, heads, scale):
-    return _call(_forward_call, heads, scale, q, k, v), (q, k, v)
+    return _forward(q, k, v, heads, scale), (q, k, v)
 
 
 def _attention_bwd(heads, scale, residuals, g):
     q, k, v = residuals
-    dq, dk, dv = _call(_backward_call, heads, scale, q, k, v, g.astype(q.dtype))
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+    dq, dk, dv = _call(_backward_call, heads, scale, _tokens(q), k, v, _tokens(g).astype(q.dtype))
+    return dq.reshape(q.shape), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+# q + q_bias is one XLA op on q as the projection gave it ((B, H, W, C)): XLA fuses it into the
+# projection, which then writes the kernel's layout; on q flattened first it took a pass of its own.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _biased_attention(q_bias, q, k, v, heads, scale):
-    # q + q_bias is one XLA op, fused into the query projection that produced q.
-    return _call(_forward_call, heads, scale, q + q_bias, k, v)
+    return _forward(q + q_bias, k, v, heads, scale)
 
 
 def _biased_attention_fwd(q_bias, q, k, v, heads, scale):
     qb = q + q_bias
-    return _call(_forward_call, heads, scale, qb, k, v), (qb, k, v, q_bias)
+    return _forward(qb, k, v, heads, scale), (qb, k, v, q_bias)
 
 
 def _biased_attention_bwd(heads, scale, residuals, g):
     q, k, v, q_bias = residuals
-    dq, dk, dv, dqs = _call(_backward_call, heads, scale, q, k, v, g.astype(q.dtype), q_sums=True)
-    return dqs.sum((0, 1)).astype(q_bias.dtype), dq, dk.astype(k.dtype), dv.astype(v.dtype)
+    dq, dk, dv, dqs = _call(_backward_call, heads, scale, _tokens(q), k, v, _tokens(g).astype(q.dtype), q_sums=True)
+    return dqs.sum((0, 1)).astype(q_bias.dtype), dq.reshape(q.shape), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _biased_attention.defvjp(_biased_attention_fwd, _biased_attention_bwd)
