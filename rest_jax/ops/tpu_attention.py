@@ -107,16 +107,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
     the output in its shape; with `q_bias` (C,), of q + q_bias, whose gradient the backward kernel sums
     as it writes q's (XLA would read q's gradient again for it). Callers check `plan` (for the batch of
     one kernel call, N = H W) first."""
-    b = q.shape[0]
-    if q_bias is None:
-        fn, args, replicated = functools.partial(_attention, heads=heads, scale=scale), (q, k, v), 0
-    else:
-        fn, args, replicated = functools.partial(_biased_attention, heads=heads, scale=scale), (q_bias, q, k, v), 1
-    axes = pallas_lowering.batch_axes(b)
+    biased = q_bias is not None
+    fn = lambda q, k, v, *q_bias: _attention(*q_bias or [None], q, k, v, heads, scale)  # noqa: E731
+    axes = pallas_lowering.batch_axes(q.shape[0])
     if axes:
-        fn = jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(),) * replicated + (P(axes),) * 3,
+        fn = jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(axes),) * 3 + (P(),) * biased,
                            out_specs=P(axes), check_vma=False)
-    return fn(*args)
+    return fn(q, k, v, *[q_bias] * biased)
 
 
 def _batched(contract):
@@ -284,40 +281,28 @@ def _forward(q, k, v, heads, scale):
     return _call(_forward_call, heads, scale, _tokens(q), k, v).reshape(q.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _attention(q, k, v, heads, scale):
-    return _forward(q, k, v, heads, scale)
+# q + q_bias is one XLA op on q as the projection gave it ((B, H, W, C)): XLA fuses it into the
+# projection, which then writes the kernel's layout; on q flattened first it took a pass of its own.
+def _added(q, q_bias):
+    return q if q_bias is None else q + q_bias
 
 
-def _attention_fwd(q, k, v, heads, scale):
-    return _forward(q, k, v, heads, scale), (q, k, v)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q_bias, q, k, v, heads, scale):
+    return _forward(_added(q, q_bias), k, v, heads, scale)
+
+
+def _attention_fwd(q_bias, q, k, v, heads, scale):
+    q = _added(q, q_bias)
+    return _forward(q, k, v, heads, scale), (q, k, v, q_bias)
 
 
 def _attention_bwd(heads, scale, residuals, g):
-    q, k, v = residuals
-    dq, dk, dv = _call(_backward_call, heads, scale, _tokens(q), k, v, _tokens(g).astype(q.dtype))
-    return dq.reshape(q.shape), dk.astype(k.dtype), dv.astype(v.dtype)
+    q, k, v, q_bias = residuals
+    dq, dk, dv, *dqs = _call(_backward_call, heads, scale, _tokens(q), k, v, _tokens(g).astype(q.dtype),
+                             q_sums=q_bias is not None)
+    dq_bias = None if q_bias is None else dqs[0].sum((0, 1)).astype(q_bias.dtype)
+    return dq_bias, dq.reshape(q.shape), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-# q + q_bias is one XLA op on q as the projection gave it ((B, H, W, C)): XLA fuses it into the
-# projection, which then writes the kernel's layout; on q flattened first it took a pass of its own.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _biased_attention(q_bias, q, k, v, heads, scale):
-    return _forward(q + q_bias, k, v, heads, scale)
-
-
-def _biased_attention_fwd(q_bias, q, k, v, heads, scale):
-    qb = q + q_bias
-    return _forward(qb, k, v, heads, scale), (qb, k, v, q_bias)
-
-
-def _biased_attention_bwd(heads, scale, residuals, g):
-    q, k, v, q_bias = residuals
-    dq, dk, dv, dqs = _call(_backward_call, heads, scale, _tokens(q), k, v, _tokens(g).astype(q.dtype), q_sums=True)
-    return dqs.sum((0, 1)).astype(q_bias.dtype), dq.reshape(q.shape), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-_biased_attention.defvjp(_biased_attention_fwd, _biased_attention_bwd)

@@ -85,9 +85,7 @@ def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tupl
     again for it). Output in x's dtype. Callers check `plan` first."""
     c = x.shape[-1]
     scale, shift, eps = norm if norm is not None else (jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32), 0.0)
-    if x_bias is not None:
-        return _biased_pixel_attention(x_bias, x, kernel, bias, scale, shift, norm is not None, eps)
-    return _pixel_attention(x, kernel, bias, scale, shift, norm is not None, eps)
+    return _pixel_attention(x_bias, x, kernel, bias, scale, shift, norm is not None, eps)
 
 
 def _params(kernel, bias, scale, shift):
@@ -333,8 +331,14 @@ def _backward(x, kernel, bias, scale, shift, g, norm, eps, x_sums=False):
             dscale.astype(scale.dtype), dshift.astype(shift.dtype), *[d.sum((0, 1)) for d in dxs])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _pixel_attention(x, kernel, bias, scale, shift, norm, eps):
+def _added(x, x_bias):
+    """x + x_bias: one XLA op, fused into whatever produced x (the convolution before PA)."""
+    return x if x_bias is None else x + x_bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _pixel_attention(x_bias, x, kernel, bias, scale, shift, norm, eps):
+    x = _added(x, x_bias)
     # Not differentiated (inference, evaluation), where XLA keeps the batch in the lanes (the narrow
     # stages at a multiple of 128 images per device): XLA's own form, which fuses the forward pass
     # without the relayout copies into and out of the kernel's layout (restv2_tiny's inference at 256
@@ -346,32 +350,16 @@ def _pixel_attention(x, kernel, bias, scale, shift, norm, eps):
     return _forward(x, kernel, bias, scale, shift, norm, eps)
 
 
-def _pixel_attention_fwd(x, kernel, bias, scale, shift, norm, eps):
-    return _forward(x, kernel, bias, scale, shift, norm, eps), (x, kernel, bias, scale, shift)
+def _pixel_attention_fwd(x_bias, x, kernel, bias, scale, shift, norm, eps):
+    x = _added(x, x_bias)
+    return _forward(x, kernel, bias, scale, shift, norm, eps), (x, kernel, bias, scale, shift, x_bias)
 
 
 def _pixel_attention_bwd(norm, eps, residuals, g):
-    return _backward(*residuals, g.astype(residuals[0].dtype), norm, eps)
+    *residuals, x_bias = residuals
+    dx, *grads = _backward(*residuals, g.astype(residuals[0].dtype), norm, eps, x_sums=x_bias is not None)
+    dx_bias = None if x_bias is None else grads.pop().astype(x_bias.dtype)
+    return (dx_bias, dx, *grads)
 
 
 _pixel_attention.defvjp(_pixel_attention_fwd, _pixel_attention_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _biased_pixel_attention(x_bias, x, kernel, bias, scale, shift, norm, eps):
-    # x + x_bias is one XLA op, fused into whatever produced x (the convolution before PA).
-    return _pixel_attention(x + x_bias, kernel, bias, scale, shift, norm, eps)
-
-
-def _biased_pixel_attention_fwd(x_bias, x, kernel, bias, scale, shift, norm, eps):
-    xb = x + x_bias
-    return _forward(xb, kernel, bias, scale, shift, norm, eps), (xb, kernel, bias, scale, shift, x_bias)
-
-
-def _biased_pixel_attention_bwd(norm, eps, residuals, g):
-    *residuals, x_bias = residuals
-    dx, *grads, dxs = _backward(*residuals, g.astype(residuals[0].dtype), norm, eps, x_sums=True)
-    return (dxs.astype(x_bias.dtype), dx, *grads)
-
-
-_biased_pixel_attention.defvjp(_biased_pixel_attention_fwd, _biased_pixel_attention_bwd)
