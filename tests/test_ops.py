@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from unittest import mock
 
 import jax
@@ -468,6 +469,19 @@ def test_cpu_dense_conv_forms_equal_xla_convolution(channels, kernel, stride, pa
     for other in results[:1] + results[2:]:
         for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(results[1])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason="XLA:CPU's fusion decisions")
+def test_patches_kernel_gradient_reads_the_output_gradient_once():
+    """The patches form's kernel gradient contracts the output gradient g over its pixels, for which
+    XLA:CPU transposes g. g is written once before that transpose: XLA:CPU otherwise fuses g's
+    producer (here the cosine of sin's derivative) into the transposed copy, and computes it twice."""
+    conv = cpu._conv_in_forms('xla', 'xla', 'patches')
+    x, w = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 16))
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, 2, 1))), argnums=(0, 1)))
+    fused = re.findall(r'^%\S+ \(.*?\{\n(.*?)\n\}', grad.lower(x, w).compile().as_text(), re.M | re.S)
+    assert any(' cosine(' in body for body in fused)
+    assert not [body for body in fused if ' cosine(' in body and ' transpose(' in body]
+
 
 
 def test_strided_conv_gradient_form_by_isa():

@@ -131,9 +131,13 @@ def _conv_choosing(forward_form: Callable[..., str], gradient_form: Callable[...
 
     def bwd(stride, pad, residuals, g):
         x, kernel = residuals
-        return tuple(_conv_gradient(_CONV_FORMS[gradient_form(wrt, x, kernel, g, stride, pad)], wrt, x, kernel, g,
-                                    stride, pad)
-                     for wrt in _GRADIENTS)
+        forms = {wrt: gradient_form(wrt, x, kernel, g, stride, pad) for wrt in _GRADIENTS}
+        if forms['kernel'] == 'patches':
+            # The patches' kernel gradient contracts g over its pixels, for which XLA:CPU transposes g;
+            # it fuses g's producer into that transpose (PA's input gradient in ResT's stem: nine shifted
+            # slices, recomputed in transposed order beside the copy the input gradient reads).
+            g = _materialised(g)
+        return tuple(_conv_gradient(_CONV_FORMS[forms[wrt]], wrt, x, kernel, g, stride, pad) for wrt in _GRADIENTS)
 
     f.defvjp(fwd, bwd)
     return f
@@ -465,7 +469,14 @@ def _block_fence_fwd(x):
 
 
 def _block_fence_bwd(_, g):
-    return (lax.cond(g.reshape(-1)[0] == 0, lambda g: g, lambda g: g + 0, g),)
+    return (_materialised(g),)
+
+
+def _materialised(x: jax.Array) -> jax.Array:
+    """x's values, written once: a conditional whose branches are both the identity, which XLA:CPU
+    keeps as a fusion boundary (it expands `optimization_barrier` away), so that consumers read x
+    instead of fusing (and recomputing) its producers."""
+    return lax.cond(x.reshape(-1)[0] == 0, lambda x: x, lambda x: x + 0, x)
 
 
 block_fence.defvjp(_block_fence_fwd, _block_fence_bwd)
