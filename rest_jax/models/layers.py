@@ -44,7 +44,7 @@ class Dense(nn.Module):
         kernel = self.param('kernel', weight_init, (x.shape[-1], self.features))
         bias = (self.param('bias', nn.initializers.zeros_init(), (self.features,)).astype(self.dtype)
                 if self.use_bias else None)
-        y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+        y = ops.dense(x.astype(self.dtype), kernel.astype(self.dtype))
         if bias_apart:
             return y, bias
         return y if bias is None else y + bias

@@ -23,7 +23,7 @@ from rest_jax.ops.portable import conv_output_size
 _FORMS = {'xla': portable, 'cpu': cpu, 'tpu': tpu}
 
 __all__ = ['ALIASES', 'IMPLS', 'active', 'attention', 'block_fence', 'canonical', 'conv', 'conv_output_size',
-           'depthwise_conv', 'gelu', 'kernel_forms', 'layer_norm', 'mlp', 'pa_fence', 'pixel_attention',
+           'dense', 'depthwise_conv', 'gelu', 'kernel_forms', 'layer_norm', 'mlp', 'pa_fence', 'pixel_attention',
            'pixel_shuffle', 'resolve', 'target_platform', 'upsample']
 
 
@@ -42,6 +42,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
 def conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
     """Dense convolution, x (B, H, W, C) * kernel (kh, kw, C, O), symmetric zero padding `pad`."""
     return _forms().conv(x, kernel, stride, pad)
+
+
+def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A linear layer's product: x (..., C) @ kernel (C, O) over x's last axis."""
+    return _forms().dense(x, kernel)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:

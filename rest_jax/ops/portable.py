@@ -109,6 +109,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
     return jnp.einsum('bhnm,bmhd->bnhd', probs, v.reshape(b, m, heads, hd)).reshape(b, h, w, c)
 
 
+def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x (..., C) @ kernel (C, O) over x's last axis: a linear layer's product (Flax's nn.Dense arithmetic)."""
+    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
 def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, dtype,
         norm: tuple | None = None) -> jax.Array:
     """fc1 (w1 (C, F), b1), exact GELU, fc2 (w2 (F, C), b2) over the last axis of x, in `dtype`: Flax's
@@ -118,10 +123,10 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array
         x = layer_norm(x, *norm, dtype)
     x, w1, b1, w2, b2 = (a.astype(dtype) for a in (x, w1, b1, w2, b2))
     with jax.named_scope('fc1'):
-        h = lax.dot_general(x, w1, (((x.ndim - 1,), (0,)), ((), ()))) + b1
+        h = dense(x, w1) + b1
     h = gelu(h)
     with jax.named_scope('fc2'):
-        return lax.dot_general(h, w2, (((h.ndim - 1,), (0,)), ((), ()))) + b2
+        return dense(h, w2) + b2
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype) -> jax.Array:

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from rest_jax.ops import pallas_lowering, portable, tpu_attention, tpu_mlp, tpu_pa, tpu_upsample
-from rest_jax.ops.portable import block_fence, conv, depthwise_conv, gelu, layer_norm, pa_fence, pixel_shuffle
+from rest_jax.ops.portable import block_fence, conv, dense, depthwise_conv, gelu, layer_norm, pa_fence, pixel_shuffle
 
-__all__ = ['attention', 'block_fence', 'conv', 'depthwise_conv', 'gelu', 'layer_norm', 'mlp', 'pa_fence',
+__all__ = ['attention', 'block_fence', 'conv', 'dense', 'depthwise_conv', 'gelu', 'layer_norm', 'mlp', 'pa_fence',
            'pixel_attention', 'pixel_shuffle', 'upsample']
 
 
