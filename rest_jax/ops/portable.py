@@ -70,7 +70,7 @@ def pixel_attention(x: jax.Array, kernel: jax.Array, bias: jax.Array, norm: tupl
 
 def compose_pixel_attention(x, kernel, bias, norm, x_bias, depthwise_form, fence_form, norm_form) -> jax.Array:
     """`pixel_attention` from a form's depthwise conv, PA fence and LayerNorm."""
-    x = x if x_bias is None else x + x_bias
+    x = add_bias(x, x_bias)
     out = fence_form(x * jax.nn.sigmoid(depthwise_form(x.astype(kernel.dtype), kernel, 1, 1) + bias))
     return out if norm is None else norm_form(out, *norm, out.dtype)
 
@@ -83,6 +83,12 @@ def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:
     c = cr // (r * r)
     x = x.reshape(b, h, w, c, r, r).transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(b, h * r, w * r, c)
+
+
+def add_bias(x: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """x + bias (x itself where bias is None): the bias an op takes from the layer before it, added as
+    one XLA op on x as that layer gave it, which XLA fuses into the layer."""
+    return x if bias is None else x + bias
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float,
@@ -99,8 +105,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, scale: float
       (B, H, W, C) in q's dtype: logits and softmax in float32, the probabilities cast to q's dtype for
       the product with v.
     """
-    if q_bias is not None:
-        q = q + q_bias
+    q = add_bias(q, q_bias)
     b, h, w, c = q.shape
     m, hd = k.shape[1], c // heads
     logits = jnp.einsum('bnhd,bmhd->bhnm', q.reshape(b, h * w, heads, hd), k.reshape(b, m, heads, hd),

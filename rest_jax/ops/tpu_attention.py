@@ -36,6 +36,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from rest_jax.ops import pallas_lowering
+from rest_jax.ops.portable import add_bias
 
 _BLOCK_ELEMENTS = 1 << 18   # queries x max(channels, keys) per grid step: ~1 MB of float32 logits
 _IMAGE_BLOCKS = (16, 8)     # images per grid step in XLA's tokens-major layout: whole (8, 128) tiles
@@ -281,19 +282,15 @@ def _forward(q, k, v, heads, scale):
     return _call(_forward_call, heads, scale, _tokens(q), k, v).reshape(q.shape)
 
 
-# q + q_bias is one XLA op on q as the projection gave it ((B, H, W, C)): XLA fuses it into the
-# projection, which then writes the kernel's layout; on q flattened first it took a pass of its own.
-def _added(q, q_bias):
-    return q if q_bias is None else q + q_bias
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _attention(q_bias, q, k, v, heads, scale):
-    return _forward(_added(q, q_bias), k, v, heads, scale)
+    # The bias is added to q as the projection gave it ((B, H, W, C)), where XLA fuses the add into
+    # the projection; added to q flattened first, it took a pass of its own.
+    return _forward(add_bias(q, q_bias), k, v, heads, scale)
 
 
 def _attention_fwd(q_bias, q, k, v, heads, scale):
-    q = _added(q, q_bias)
+    q = add_bias(q, q_bias)
     return _forward(q, k, v, heads, scale), (q, k, v, q_bias)
 
 

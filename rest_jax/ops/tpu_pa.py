@@ -331,14 +331,9 @@ def _backward(x, kernel, bias, scale, shift, g, norm, eps, x_sums=False):
             dscale.astype(scale.dtype), dshift.astype(shift.dtype), *[d.sum((0, 1)) for d in dxs])
 
 
-def _added(x, x_bias):
-    """x + x_bias: one XLA op, fused into whatever produced x (the convolution before PA)."""
-    return x if x_bias is None else x + x_bias
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _pixel_attention(x_bias, x, kernel, bias, scale, shift, norm, eps):
-    x = _added(x, x_bias)
+    x = portable.add_bias(x, x_bias)
     # Not differentiated (inference, evaluation), where XLA keeps the batch in the lanes (the narrow
     # stages at a multiple of 128 images per device): XLA's own form, which fuses the forward pass
     # without the relayout copies into and out of the kernel's layout (restv2_tiny's inference at 256
@@ -351,7 +346,7 @@ def _pixel_attention(x_bias, x, kernel, bias, scale, shift, norm, eps):
 
 
 def _pixel_attention_fwd(x_bias, x, kernel, bias, scale, shift, norm, eps):
-    x = _added(x, x_bias)
+    x = portable.add_bias(x, x_bias)
     return _forward(x, kernel, bias, scale, shift, norm, eps), (x, kernel, bias, scale, shift, x_bias)
 
 
