@@ -88,6 +88,30 @@ def test_a_conv_traced_on_this_host_is_measured(tuning, stride):
     assert set(json.loads(tuning.read_text())[cpu_tune.host_key()]) == set(chosen)
 
 
+def test_the_upsample_branch_is_measured_for_inference_only(tuning):
+    """v2's upsample branch: evaluated, its conv is timed in every inference form together with the
+    LayerNorm and sum after it (one key per shape); differentiated, it takes its training form and
+    times nothing. Both equal the portable branch."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    x, kernel, bias = (jax.random.normal(keys[0], (2, 7, 7, 8)), jax.random.normal(keys[1], (3, 3, 1, 32)) * 0.3,
+                       jax.random.normal(keys[2], (32,)))
+    norm, add = (jnp.ones(8), jnp.zeros(8), 1e-6), jnp.ones((2, 14, 13, 8))
+
+    def loss(f, x, kernel, bias):
+        return jnp.sum(jnp.tanh(f(x, kernel, bias, 2, norm, add)) * jnp.arange(8.0))
+    grads = [jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)(f, x, kernel, bias)
+             for f in (cpu.upsample, portable.upsample)]
+    for a, b in zip(grads[0], grads[1]):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    assert cpu_tune.decisions() == {}
+    np.testing.assert_allclose(jax.jit(lambda x, kernel, bias: cpu.upsample(x, kernel, bias, 2, norm, add))(x, kernel, bias),
+                               portable.upsample(x, kernel, bias, 2, norm, add), rtol=1e-5, atol=1e-5)
+    key = 'upsample 2x7x7x8, ratio 2, float32, LayerNorm, added to 14x13, forward'
+    chosen = cpu_tune.decisions()
+    assert list(chosen) == [key] and set(chosen[key]['ms']) == set(cpu._UPSAMPLE_FORMS)
+    assert json.loads(tuning.read_text())[cpu_tune.host_key()][key]['choice'] == chosen[key]['choice']
+
+
 def test_initialising_a_model_times_nothing(tuning):
     """model.init only needs shapes: its trace takes the rule and measures no form."""
     import rest_jax

@@ -65,6 +65,37 @@ def _assert_upsample_equals_portable(form, r: int) -> None:
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5)
 
 
+@pytest.mark.parametrize('r', [8, 4, 2, 1])
+def test_cpu_upsample_inference_forms_equal_the_portable_branch(r):
+    """Each inference form of v2's upsample branch on CPU (whichever a host measures fastest), with the
+    LayerNorm and the sum with EMSA's attention output after it, against `portable.upsample`."""
+    keys = jax.random.split(jax.random.key(r), 6)
+    x = jax.random.normal(keys[0], (2, 5, 6, 6))
+    kernel, bias = jax.random.normal(keys[1], (3, 3, 1, 6 * r * r)), jax.random.normal(keys[2], (6 * r * r,))
+    norm = (1 + 0.1 * jax.random.normal(keys[3], (6,)), jax.random.normal(keys[4], (6,)), 1e-6)
+    add = jax.random.normal(keys[5], (2, 5 * r - 1, 6 * r - 2, 6))   # the token grid, cropped
+    want = portable.upsample(x, kernel, bias, r, norm, add)
+    for name, form in cpu._UPSAMPLE_FORMS.items():
+        got = jax.jit(lambda x, kernel, bias, add: portable.finish_upsample(
+            form(x, kernel, bias, r), norm, add, cpu.layer_norm))(x, kernel, bias, add)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(jax.jit(lambda x, kernel, bias, add: cpu.upsample(x, kernel, bias, r, norm, add))(
+        x, kernel, bias, add), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason="XLA:CPU's fusion decisions")
+def test_strided_depthwise_inference_computes_each_tap_once():
+    """EMSA's reduction feeds a LayerNorm; in inference its (s + 1)^2 strided slices are summed once and
+    written (XLA:CPU fused them into each of the LayerNorm's three passes: 3 (s + 1)^2 slices)."""
+    x, kernel = jnp.ones((2, 16, 16, 8)), jnp.ones((5, 5, 1, 8))
+    f = jax.jit(lambda x, kernel: cpu.layer_norm(cpu.depthwise_conv(x, kernel, 4, 2), jnp.ones(8), jnp.zeros(8),
+                                                 1e-6, jnp.float32))
+    text = f.lower(x, kernel).compile().as_text()
+    assert len(re.findall(r' slice\(%\S+\), slice=\{\[0:2:1\], \[\d+:\d+:4\]', text)) == 25
+    np.testing.assert_allclose(f(x, kernel), portable.layer_norm(portable.depthwise_conv(x, kernel, 4, 2), jnp.ones(8),
+                                                                 jnp.zeros(8), 1e-6, jnp.float32), atol=1e-5)
+
+
 def test_tpu_forms_equal_portable_forms():
     """The TPU forms against the portable ones, values and gradients: v2's upsample branch as one
     transposed (input-dilated) depthwise conv with its hand-written kernel gradient (at ratios 8, 4 and

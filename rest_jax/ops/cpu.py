@@ -296,8 +296,11 @@ def _blocked_depthwise(x: jax.Array, kernel: jax.Array, s: int, pad: int) -> jax
 # the slices, and under differentiation both passes take the block form: the same function, exactly.
 # (The forward pass too: XLA fused the slices into the full-resolution input gradient of the LayerNorm
 # that follows and recomputed all (s + 1)^2 taps per input pixel; reductions are never duplicated.)
+# Inference writes the slices' sum once: XLA:CPU otherwise fuses all (s + 1)^2 taps into each of the
+# LayerNorm's three passes (mean, variance, normalisation) and computes them three times, while the
+# output is s^2 times smaller than the input, so writing it costs next to nothing.
 _strided_depthwise = _differentiated_as(
-    lambda x, kernel, stride, pad: _shifted_depthwise(x, kernel[:, :, None], stride, pad),
+    lambda x, kernel, stride, pad: _materialised(_shifted_depthwise(x, kernel[:, :, None], stride, pad)),
     _blocked_depthwise, forward_too=True)
 
 
@@ -313,22 +316,86 @@ def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm:
              add: jax.Array | None = None) -> jax.Array:
     """`portable.upsample` with each of the nine taps written straight into the shuffled
     (B, H, r, W, r, C) layout: no (B, H, W, C, r * r) intermediate and no pixel-shuffle transpose; with
-    `norm`, then this module's `layer_norm`."""
-    return portable.finish_upsample(_upsample(x, kernel, bias, ratio), norm, add, layer_norm)
+    `norm`, then this module's `layer_norm`. Inference takes the form of the branch's conv that this
+    host ran fastest together with the LayerNorm and sum that read it (`_UPSAMPLE_FORMS`)."""
+    after = (None if norm is None else float(norm[2]),
+             None if add is None else (tuple(add.shape), jnp.dtype(add.dtype).name))
+    return portable.finish_upsample(_upsample(x, kernel, bias, ratio, after), norm, add, layer_norm)
 
 
-def _upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:
-    r = ratio
-    if r == 1:
+# Inference: the measured form (`after` describes what reads the output: the LayerNorm's eps, the
+# shape and dtype of the sum's other term). Under differentiation: `_trained_upsample`.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, after: tuple) -> jax.Array:
+    return _UPSAMPLE_FORMS[_upsample_form(x, kernel, ratio, after)](x, kernel, bias, ratio)
+
+
+def _upsample_fwd(x, kernel, bias, ratio, after):
+    return jax.vjp(functools.partial(_trained_upsample, ratio=ratio), x, kernel, bias)
+
+
+def _upsample_bwd(ratio, after, vjp, g):
+    return vjp(g)
+
+
+_upsample.defvjp(_upsample_fwd, _upsample_bwd)
+
+
+def _trained_upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int) -> jax.Array:
+    """The branch's conv under differentiation: r = 1 a stride-1 depthwise conv, else
+    `_shuffled_depthwise` (computed by phase, a hand-written VJP)."""
+    if ratio == 1:
         return depthwise_conv(x, kernel, 1, 1) + bias
-    c = x.shape[-1]
-    # Output channel c * r * r + i * r + j of the conv is pixel (i, j) of channel c after the shuffle.
-    taps = kernel.reshape(3, 3, c, r, r).transpose(0, 1, 3, 4, 2)   # (3, 3, r, r, C)
-    return _shuffled_depthwise(x, taps, bias.reshape(c, r, r).transpose(1, 2, 0))
+    return _shuffled_depthwise(x, *_shuffled_parameters(kernel, bias, ratio))
 
 
-@jax.custom_vjp
-def _shuffled_depthwise(x: jax.Array, taps: jax.Array, bias: jax.Array) -> jax.Array:
+def _shuffled_parameters(kernel: jax.Array, bias: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
+    """The conv's kernel (3, 3, 1, C * r * r) and bias as taps (3, 3, r, r, C) and bias (r, r, C):
+    output channel c * r * r + i * r + j of the conv is pixel (i, j) of channel c after the shuffle."""
+    c = kernel.shape[-1] // (r * r)
+    return kernel.reshape(3, 3, c, r, r).transpose(0, 1, 3, 4, 2), bias.reshape(c, r, r).transpose(1, 2, 0)
+
+
+# The inference forms of the branch's conv: the same sums of the same products. Which runs fastest
+# depends on the ratio and the machine (on an Intel Ice Lake, with the LayerNorm and sum after it:
+# 'shuffled' at r = 8 and 4, where writing the large output once more costs more than XLA:CPU
+# computing the taps inside each of the LayerNorm's passes; 'phases' at r = 2; 'shuffled, written
+# once' at r = 1; docs/performance.md), so each shape is measured on the host.
+_UPSAMPLE_FORMS: dict[str, Callable] = {
+    'shuffled': lambda x, kernel, bias, r: _shuffled_taps(x, *_shuffled_parameters(kernel, bias, r)),
+    'shuffled, written once': lambda x, kernel, bias, r: _materialised(
+        _shuffled_taps(x, *_shuffled_parameters(kernel, bias, r))),
+    'phases': lambda x, kernel, bias, r: _shuffled_depthwise_by_phase(x, *_shuffled_parameters(kernel, bias, r)),
+}
+
+
+def _upsample_form(x: jax.Array, kernel: jax.Array, ratio: int, after: tuple) -> str:
+    """The inference form of the branch's conv this host measured fastest, timed with the LayerNorm and
+    sum that read its output; 'shuffled' where measuring is off."""
+    eps, added = after
+    b, h, w, c = x.shape
+    key = (f'upsample {b}x{h}x{w}x{c}, ratio {ratio}, {jnp.dtype(x.dtype).name}'
+           + ('' if eps is None else ', LayerNorm') + ('' if added is None else f', added to {added[0][1]}x{added[0][2]}'))
+
+    def build(form):
+        def compiled_call():
+            params = jax.ShapeDtypeStruct((c,), jnp.float32)
+            arrays = [x, kernel, jax.ShapeDtypeStruct(kernel.shape[-1:], kernel.dtype), params, params]
+            if added is not None:
+                arrays.append(jax.ShapeDtypeStruct(*added))
+            args = _random_inputs(*arrays)
+
+            def branch(x, kernel, bias, scale, shift, *add):
+                norm = None if eps is None else (scale, shift, eps)
+                return portable.finish_upsample(form(x, kernel, bias, ratio), norm, add[0] if add else None, layer_norm)
+            compiled = jax.jit(branch).lower(*args).compile()
+            return lambda: jax.block_until_ready(compiled(*args))
+        return compiled_call
+    return cpu_tune.choose(key + ', forward', {name: build(form) for name, form in _UPSAMPLE_FORMS.items()},
+                           'shuffled')
+
+
+def _shuffled_taps(x: jax.Array, taps: jax.Array, bias: jax.Array) -> jax.Array:
     """Pixel-shuffled depthwise 3x3 conv: x (B, H, W, C), taps (3, 3, r, r, C), bias (r, r, C) ->
     (B, H * r, W * r, C) with out[:, y * r + i, x * r + j] = bias[i, j] + sum of the nine taps."""
     b, h, w, c = x.shape
@@ -341,8 +408,14 @@ def _shuffled_depthwise(x: jax.Array, taps: jax.Array, bias: jax.Array) -> jax.A
     return (acc + bias[:, None]).reshape(b, h * r, w * r, c)
 
 
+@jax.custom_vjp
+def _shuffled_depthwise(x: jax.Array, taps: jax.Array, bias: jax.Array) -> jax.Array:
+    """`_shuffled_taps` with its forward pass by phase and a hand-written VJP under differentiation."""
+    return _shuffled_taps(x, taps, bias)
+
+
 def _shuffled_depthwise_by_phase(x: jax.Array, taps: jax.Array, bias: jax.Array) -> jax.Array:
-    """`_shuffled_depthwise` (the same products, summed in the same order) computed one output phase
+    """`_shuffled_taps` (the same products, summed in the same order) computed one output phase
     (i, j) at a time at input resolution, then interleaved by one transpose.
 
     The forward pass under differentiation takes this form. There the (B, H, r, W, r, C) form's
