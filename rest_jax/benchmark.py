@@ -338,10 +338,14 @@ def describe(r: dict[str, Any]) -> str:
              f"  host huge pages {r['host_huge_pages']}"
              + (f"; {r['page_faults_per_step']:.0f} page faults and {r['kernel_seconds_per_step']:.3f} s of "
                 "kernel time per step" if r['page_faults_per_step'] is not None else '')]
-    if r.get('cpu_forms'):
-        counts = collections.Counter(f"{e['choice']} ({e['source']})" for e in r['cpu_forms'].values())
-        lines.append('  dense convs     ' + ', '.join(f'{n} x {k}' for k, n in sorted(counts.items()))
-                     + ' (forward, input- and kernel-gradient forms; rest_jax.ops.cpu_tune)')
+    if r.get('cpu_forms'):   # keys 'conv ...' (forward, input and kernel gradient) and 'upsample ...' (inference)
+        ops = {'conv': 'dense convs', 'upsample': 'upsample branch'}
+        counts = collections.Counter((ops.get(key.split()[0], key.split()[0]), f"{e['choice']} ({e['source']})")
+                                     for key, e in r['cpu_forms'].items())
+        groups = {op: ', '.join(f'{n} x {choice}' for (o, choice), n in sorted(counts.items()) if o == op)
+                  for op in dict.fromkeys(op for op, _ in sorted(counts))}
+        lines.append('  kernel forms    ' + '; '.join(f'{op}: {text}' for op, text in groups.items())
+                     + ' (rest_jax.ops.cpu_tune)')
     for key, o in r.get('official', {}).items():
         lines.append(f"  {key:<15} {o['images_per_sec']:.1f} images/s ({o['step_ms']:.1f} ms/step), "
                      f"rest_jax is {r['images_per_sec'] / o['images_per_sec']:.2f}x")

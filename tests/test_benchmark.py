@@ -65,6 +65,17 @@ def test_markdown_table(train_result):
     assert len(header.split('|')) == len(rule.split('|')) == len(row.split('|'))
 
 
+def test_description_lists_the_measured_forms_by_op(train_result):
+    """The text report counts the kernel forms a CPU program took, per op, and where each came from."""
+    forms = {'conv 8x56x56x96 -> 192, kernel 3x3, stride 2, pad 1, float32, forward': ('xla', 'cache'),
+             'conv 8x56x56x96 -> 192, kernel 3x3, stride 2, pad 1, float32, input gradient': ('patches', 'measured'),
+             'upsample 8x7x7x96, ratio 8, float32, LayerNorm, added to 56x56, forward': ('shuffled', 'measured')}
+    result = dict(train_result, cpu_forms={k: {'choice': c, 'source': s} for k, (c, s) in forms.items()})
+    line = next(line for line in benchmark.describe(result).splitlines() if line.startswith('  kernel forms '))
+    assert line.split(None, 2)[2] == ('dense convs: 1 x patches (measured), 1 x xla (cache); '
+                                      'upsample branch: 1 x shuffled (measured) (rest_jax.ops.cpu_tune)')
+
+
 def test_bad_input_says_what_to_do(capsys):
     with pytest.raises(ValueError, match="mode must be 'infer' or 'train'"):
         benchmark.build('rest_lite', mode='eval')

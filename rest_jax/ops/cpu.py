@@ -359,8 +359,8 @@ def _shuffled_parameters(kernel: jax.Array, bias: jax.Array, r: int) -> tuple[ja
 # The inference forms of the branch's conv: the same sums of the same products. Which runs fastest
 # depends on the ratio and the machine (on an Intel Ice Lake, with the LayerNorm and sum after it:
 # 'shuffled' at r = 8 and 4, where writing the large output once more costs more than XLA:CPU
-# computing the taps inside each of the LayerNorm's passes; 'phases' at r = 2; 'shuffled, written
-# once' at r = 1; docs/performance.md), so each shape is measured on the host.
+# computing the taps inside each of the LayerNorm's passes; at r = 2 and 1 the other two, 1.5-2.5x
+# faster than 'shuffled'; docs/performance.md), so each shape is measured on the host.
 _UPSAMPLE_FORMS: dict[str, Callable] = {
     'shuffled': lambda x, kernel, bias, r: _shuffled_taps(x, *_shuffled_parameters(kernel, bias, r)),
     'shuffled, written once': lambda x, kernel, bias, r: _materialised(
