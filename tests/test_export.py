@@ -88,6 +88,22 @@ def test_cpu_artifact_uses_the_cpu_forms(converted):
         serve(np.zeros((2, 192, 256, 3), np.uint8))
 
 
+def test_cpu_artifact_for_any_batch_size_with_forms_measured_on_the_host(converted, tmp_path, monkeypatch):
+    """With the CPU forms timed on the host (the default outside the tests), a CPU artifact for any batch
+    size still exports: shapes with a symbolic batch cannot be timed, so those ops take the fixed rule."""
+    from rest_jax.ops import cpu_tune
+    monkeypatch.setenv(cpu_tune.TUNE_ENV, 'on')
+    monkeypatch.setenv(cpu_tune.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(cpu_tune, '_CHOSEN', {})
+    model, variables = rest_jax.load_pretrained(converted)
+    with cpu_tune.recording() as chosen:
+        exported = export.export_model(model, variables, input_size=64, batch_size=None, platforms='cpu')
+    assert chosen and {entry['source'] for entry in chosen.values()} == {'rule'}
+    assert not (tmp_path / cpu_tune.FILE_NAME).exists()
+    images = jax.random.normal(jax.random.key(0), (3, 64, 64, 3))
+    np.testing.assert_allclose(exported.call(images), jax.jit(model.apply)(variables, images), rtol=1e-5, atol=1e-5)
+
+
 def test_lowering_for_tpu_in_bfloat16_and_pre_logits(converted):
     model, variables = rest_jax.load_pretrained(converted)
     exported = export.export_model(model, variables, platforms=('tpu',), dtype='bfloat16', pre_logits=True,

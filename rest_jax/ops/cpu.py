@@ -114,7 +114,7 @@ def _forward_form(x, kernel, stride, pad) -> str:
     wo = conv_output_size(x.shape[2], kernel.shape[1], stride, pad)
     rule = 'patches' if stride > 1 and (x.shape[-1] <= 4 or ho * wo <= 14 * 14) else 'xla'
     return cpu_tune.choose(_conv_signature(x, kernel, stride, pad) + ', forward',
-                           _candidates(x, kernel, stride, pad), rule)
+                           _candidates(x, kernel, stride, pad), rule, (x.shape,))
 
 
 def _gradient_form(wrt: str, x, kernel, g, stride, pad) -> str:
@@ -124,7 +124,7 @@ def _gradient_form(wrt: str, x, kernel, g, stride, pad) -> str:
     if stride > 1:
         rule = cpu_isa.strided_conv_gradient_form(x.shape[-1], g.shape[1], g.shape[2], cpu_isa.host_has_avx512())
     return cpu_tune.choose(_conv_signature(x, kernel, stride, pad) + f', {wrt} gradient',
-                           _candidates(x, kernel, stride, pad, g, wrt), 'xla' if rule == 'lax' else rule)
+                           _candidates(x, kernel, stride, pad, g, wrt), 'xla' if rule == 'lax' else rule, (x.shape,))
 
 
 def _conv_choosing(forward_form: Callable[..., str], gradient_form: Callable[..., str]) -> Callable:
@@ -392,7 +392,7 @@ def _upsample_form(x: jax.Array, kernel: jax.Array, ratio: int, after: tuple) ->
             return lambda: jax.block_until_ready(compiled(*args))
         return compiled_call
     return cpu_tune.choose(key + ', forward', {name: build(form) for name, form in _UPSAMPLE_FORMS.items()},
-                           'shuffled')
+                           'shuffled', (x.shape,) + (() if added is None else (added[0],)))
 
 
 def _shuffled_taps(x: jax.Array, taps: jax.Array, bias: jax.Array) -> jax.Array:

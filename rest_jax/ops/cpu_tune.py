@@ -91,7 +91,8 @@ def _write(path: Path, key: str, entry: dict) -> None:
         print(f'rest_jax: could not save the kernel-form cache {path} ({e})', file=sys.stderr)
 
 
-def choose(key: str, candidates: dict[str, Callable[[], Callable[[], object]]], fallback: str) -> str:
+def choose(key: str, candidates: dict[str, Callable[[], Callable[[], object]]], fallback: str,
+           shapes: tuple = ()) -> str:
     """The fastest of `candidates` for the op `key` on this host.
 
     Args:
@@ -99,11 +100,13 @@ def choose(key: str, candidates: dict[str, Callable[[], Callable[[], object]]], 
       candidates: name -> a function that builds the candidate and returns a call running it once
         (compiled and with its inputs ready; the call must wait for its result).
       fallback: the choice when measuring is off.
+      shapes: the op's operand shapes. Where one has a symbolic dimension (`jax.export`'s shape
+        polymorphism, e.g. an artifact for any batch size) nothing can be timed: the fallback.
 
     Returns:
       A name from `candidates`: the cached winner, else the one measured fastest now (then cached).
     """
-    if not enabled():
+    if not enabled() or not all(isinstance(d, int) for shape in shapes for d in shape):
         _record(key, {'choice': fallback, 'source': 'rule'})
         return fallback
     with _LOCK:
