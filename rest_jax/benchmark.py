@@ -339,13 +339,13 @@ def describe(r: dict[str, Any]) -> str:
              + (f"; {r['page_faults_per_step']:.0f} page faults and {r['kernel_seconds_per_step']:.3f} s of "
                 "kernel time per step" if r['page_faults_per_step'] is not None else '')]
     if r.get('cpu_forms'):   # keys 'conv ...' (forward, input and kernel gradient) and 'upsample ...' (inference)
-        ops = {'conv': 'dense convs', 'upsample': 'upsample branch'}
-        counts = collections.Counter((ops.get(key.split()[0], key.split()[0]), f"{e['choice']} ({e['source']})")
-                                     for key, e in r['cpu_forms'].items())
-        groups = {op: ', '.join(f'{n} x {choice}' for (o, choice), n in sorted(counts.items()) if o == op)
-                  for op in dict.fromkeys(op for op, _ in sorted(counts))}
-        lines.append('  kernel forms    ' + '; '.join(f'{op}: {text}' for op, text in groups.items())
-                     + ' (rest_jax.ops.cpu_tune)')
+        names = {'conv': 'dense convs', 'upsample': 'upsample branch'}
+        by_op: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for key, e in r['cpu_forms'].items():
+            by_op[names.get(key.split()[0], key.split()[0])][f"{e['choice']} ({e['source']})"] += 1
+        lines.append('  kernel forms    ' + '; '.join(
+            f'{op}: ' + ', '.join(f'{n} x {form}' for form, n in sorted(counts.items()))
+            for op, counts in sorted(by_op.items())) + ' (rest_jax.ops.cpu_tune)')
     for key, o in r.get('official', {}).items():
         lines.append(f"  {key:<15} {o['images_per_sec']:.1f} images/s ({o['step_ms']:.1f} ms/step), "
                      f"rest_jax is {r['images_per_sec'] / o['images_per_sec']:.2f}x")
