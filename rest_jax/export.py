@@ -10,8 +10,9 @@ imports only jax and numpy at the top, so a serving process needs neither flax n
 Kernel forms (rest_jax.ops): an artifact for the CPU only is traced with the CPU forms (exact rewrites
 that XLA:CPU runs faster, correct on any x86 or Arm CPU; where the faster of two depends on the machine,
 the one measured on the exporting host for a fixed batch size, the fixed rule for any batch size, whose
-shapes cannot be timed); an artifact for TPUs only with the TPU forms; an artifact for several platforms, or for GPUs,
-with the portable forms, so that every platform gets the program the models are tested with there.
+shapes cannot be timed); an artifact for TPUs only with the TPU forms; an artifact for several
+platforms, or for GPUs, with the portable forms, so that every platform gets the program the models
+are tested with there.
 """
 
 from __future__ import annotations

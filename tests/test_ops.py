@@ -77,7 +77,7 @@ def test_cpu_upsample_inference_forms_equal_the_portable_branch(r):
     want = portable.upsample(x, kernel, bias, r, norm, add)
     for name, form in cpu._UPSAMPLE_FORMS.items():
         got = jax.jit(lambda x, kernel, bias, add: portable.finish_upsample(
-            form(x, kernel, bias, r), norm, add, cpu.layer_norm))(x, kernel, bias, add)
+            form(x, *cpu._shuffled_parameters(kernel, bias, r)), norm, add, cpu.layer_norm))(x, kernel, bias, add)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
     np.testing.assert_allclose(jax.jit(lambda x, kernel, bias, add: cpu.upsample(x, kernel, bias, r, norm, add))(
         x, kernel, bias, add), want, rtol=1e-5, atol=1e-5)

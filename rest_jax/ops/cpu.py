@@ -327,7 +327,7 @@ def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, norm:
 # shape and dtype of the sum's other term). Under differentiation: `_trained_upsample`.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array, ratio: int, after: tuple) -> jax.Array:
-    return _UPSAMPLE_FORMS[_upsample_form(x, kernel, ratio, after)](x, kernel, bias, ratio)
+    return _UPSAMPLE_FORMS[_upsample_form(x, kernel, ratio, after)](x, *_shuffled_parameters(kernel, bias, ratio))
 
 
 def _upsample_fwd(x, kernel, bias, ratio, after):
@@ -356,16 +356,16 @@ def _shuffled_parameters(kernel: jax.Array, bias: jax.Array, r: int) -> tuple[ja
     return kernel.reshape(3, 3, c, r, r).transpose(0, 1, 3, 4, 2), bias.reshape(c, r, r).transpose(1, 2, 0)
 
 
-# The inference forms of the branch's conv: the same sums of the same products. Which runs fastest
+# The inference forms of the branch's conv, on x and its taps and bias (`_shuffled_parameters`): the
+# same sums of the same products. Which runs fastest
 # depends on the ratio and the machine (on an Intel Ice Lake, with the LayerNorm and sum after it:
 # 'shuffled' at r = 8 and 4, where writing the large output once more costs more than XLA:CPU
 # computing the taps inside each of the LayerNorm's passes; at r = 2 and 1 the other two, 1.5-2.5x
 # faster than 'shuffled'; docs/performance.md), so each shape is measured on the host.
 _UPSAMPLE_FORMS: dict[str, Callable] = {
-    'shuffled': lambda x, kernel, bias, r: _shuffled_taps(x, *_shuffled_parameters(kernel, bias, r)),
-    'shuffled, written once': lambda x, kernel, bias, r: _materialised(
-        _shuffled_taps(x, *_shuffled_parameters(kernel, bias, r))),
-    'phases': lambda x, kernel, bias, r: _shuffled_depthwise_by_phase(x, *_shuffled_parameters(kernel, bias, r)),
+    'shuffled': lambda x, taps, bias: _shuffled_taps(x, taps, bias),
+    'shuffled, written once': lambda x, taps, bias: _materialised(_shuffled_taps(x, taps, bias)),
+    'phases': lambda x, taps, bias: _shuffled_depthwise_by_phase(x, taps, bias),
 }
 
 
@@ -387,7 +387,8 @@ def _upsample_form(x: jax.Array, kernel: jax.Array, ratio: int, after: tuple) ->
 
             def branch(x, kernel, bias, scale, shift, *add):
                 norm = None if eps is None else (scale, shift, eps)
-                return portable.finish_upsample(form(x, kernel, bias, ratio), norm, add[0] if add else None, layer_norm)
+                y = form(x, *_shuffled_parameters(kernel, bias, ratio))
+                return portable.finish_upsample(y, norm, add[0] if add else None, layer_norm)
             compiled = jax.jit(branch).lower(*args).compile()
             return lambda: jax.block_until_ready(compiled(*args))
         return compiled_call
