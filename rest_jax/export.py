@@ -132,15 +132,22 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     return meta
 
 
+_NO_FLATBUFFERS = ('{what} a jax.export artifact needs the flatbuffers package (jax.export does not declare it): '
+                   'pip install flatbuffers')
+
+
 def save_exported(path: str | os.PathLike, exported: Any, metadata: dict[str, Any], force: bool = False) -> None:
     """Write `exported` to `path` and `metadata` to `path + '.json'`, each atomically (a temporary file,
     then a rename): the metadata first, so that a reader who finds the artifact finds its metadata."""
     path = os.path.abspath(os.fspath(path))
     if os.path.lexists(path) and not force:
         raise ValueError(f'{path} exists; pass --force to overwrite')
+    try:   # before anything is written: a failure leaves no metadata without its artifact
+        program = bytes(exported.serialize())
+    except ImportError:
+        raise ImportError(_NO_FLATBUFFERS.format(what='Writing')) from None
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    for target, data in ((path + '.json', (json.dumps(metadata, indent=2) + '\n').encode()),
-                         (path, bytes(exported.serialize()))):
+    for target, data in ((path + '.json', (json.dumps(metadata, indent=2) + '\n').encode()), (path, program)):
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f'.{os.path.basename(target)}.tmp-')
         try:
             with os.fdopen(fd, 'wb') as file:
@@ -200,7 +207,8 @@ def _export_platform(backend: str) -> str:
 
 
 def load_exported(path: str | os.PathLike) -> ExportedModel:
-    """Load an artifact written by `python -m rest_jax export` (or `save_exported`); needs only jax.
+    """Load an artifact written by `python -m rest_jax export` (or `save_exported`); needs jax (and
+    flatbuffers, which jax.export reads artifacts with), not flax or the model code.
 
     Args:
       path: the artifact; its metadata is read from `path + '.json'`.
@@ -221,6 +229,8 @@ def load_exported(path: str | os.PathLike) -> ExportedModel:
         raise ValueError(f'{path}.json: not a rest_jax artifact (format {metadata.get("format")!r}, expected {FORMAT!r})')
     try:
         exported = jax.export.deserialize(bytearray(data))
+    except ImportError:
+        raise ImportError(_NO_FLATBUFFERS.format(what='Reading')) from None
     except Exception as e:   # flatbuffers raise assorted errors on foreign bytes
         raise ValueError(f'{path}: not a serialized jax.export artifact ({type(e).__name__})') from None
     return ExportedModel(exported, metadata)
@@ -260,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = export_checkpoint(args.checkpoint, args.out, batch_size=args.batch_size, dtype=args.dtype,
                                  platforms=args.platforms, input_size=args.image_size, pre_logits=args.pre_logits,
                                  ema=args.ema, force=args.force)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         print(f'error: {" ".join(str(e).split()) or type(e).__name__}', file=sys.stderr)
         return 1
     shape = 'x'.join('N' if d is None else str(d) for d in meta['input']['shape'])

@@ -147,6 +147,19 @@ def test_bad_input_gets_one_line(tmp_path, capsys, artifact, converted):
         rest_jax.load_exported(tmp_path / 'x.jaxexport')
 
 
+def test_without_flatbuffers_one_line_and_nothing_written(tmp_path, capsys, artifact, converted, monkeypatch):
+    """jax.export needs flatbuffers to write or read an artifact and does not declare it."""
+    monkeypatch.setitem(sys.modules, 'flatbuffers', None)   # as if not installed
+    monkeypatch.delitem(sys.modules, 'jax._src.export.serialization', raising=False)
+    out = tmp_path / 'a.jaxexport'
+    err = _one_error_line(capsys, ['--checkpoint', str(converted), '--out', str(out), '--batch-size', '1',
+                                   '--image-size', '64'])
+    assert 'Writing a jax.export artifact needs the flatbuffers package' in err and 'pip install flatbuffers' in err
+    assert list(tmp_path.iterdir()) == []   # not even the metadata
+    with pytest.raises(ImportError, match='Reading a jax.export artifact needs the flatbuffers package'):
+        rest_jax.load_exported(artifact)
+
+
 def test_command_line_entry_point(artifact):
     """`python -m rest_jax export` and `python -m rest_jax.export` are the same tool."""
     for module in (['rest_jax', 'export'], ['rest_jax.export']):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, golden_path
 
 
 def test_import_without_tensorflow_and_torch():
@@ -85,6 +85,59 @@ def test_pip_install_then_import_from_another_directory(tmp_path):
     script = subprocess.run([sys.executable, str(site / 'bin' / 'rest-jax'), 'nonsense'], cwd=away, env=env,
                             capture_output=True, text=True, timeout=300)
     assert script.returncode == 2 and 'usage: python -m rest_jax' in script.stderr
+
+
+_BASE_FEATURES = """
+import importlib.util, sys
+from pathlib import Path
+import numpy as np, PIL.Image
+assert importlib.util.find_spec('tensorflow') is None and importlib.util.find_spec('torch') is None
+import rest_jax
+from rest_jax.convert import convert_checkpoint
+from rest_jax.export import export_checkpoint
+out = Path(sys.argv[2])
+convert_checkpoint(sys.argv[1], out / 'converted', arch={'num_heads': (1, 2, 4, 8)})
+model, variables = rest_jax.load_pretrained(out / 'converted')
+PIL.Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(out / 'grey.png')
+rest_jax.predict(model, variables, rest_jax.preprocess([PIL.Image.open(out / 'grey.png')], model), top_k=1)
+export_checkpoint(out / 'converted', out / 'model.jaxexport', batch_size=1, input_size=64)
+assert rest_jax.load_exported(out / 'model.jaxexport')(np.zeros((1, 64, 64, 3), np.float32)).shape == (1, 10)
+"""
+
+
+def test_the_base_install_has_what_its_features_import(tmp_path):
+    """The converter, inference and export run with only the packages `pip install .` brings.
+
+    jax imports some packages only when a feature needs them (flatbuffers, to write or read a jax.export
+    artifact) and does not declare them. The installed files of rest-jax's base dependencies (and
+    theirs, extras left out) are linked into one directory, and those features run in an interpreter
+    that sees only that directory, the checkout and the standard library.
+    """
+    from importlib import metadata
+    from packaging.requirements import Requirement
+    canonical = lambda name: re.sub(r'[-_.]+', '-', name).lower()
+    base, todo = set(), ['rest-jax']
+    while todo:
+        name = todo.pop()
+        if canonical(name) in base:
+            continue
+        base.add(canonical(name))
+        for text in metadata.requires(name) or ():
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({'extra': ''}):
+                todo.append(requirement.name)
+    site = tmp_path / 'site'
+    site.mkdir()
+    for name in base:
+        distribution = metadata.distribution(name)
+        for top in {file.parts[0] for file in distribution.files or () if file.parts[0] != '..'}:
+            if not (site / top).exists() and top != '__pycache__':
+                (site / top).symlink_to(distribution.locate_file(top))
+    assert {'jax', 'flax', 'orbax', 'PIL'} <= {p.name for p in site.iterdir()} and not (site / 'tensorflow').exists()
+    env = {**os.environ, 'PYTHONPATH': f'{site}{os.pathsep}{REPO}'}
+    run = subprocess.run([sys.executable, '-S', '-c', _BASE_FEATURES, str(golden_path('v2_reduced.pth')),
+                          str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def rest_jax_version() -> str:
