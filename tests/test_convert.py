@@ -193,7 +193,9 @@ def test_cli_bad_sources(tmp_path, v1_state_dict, capsys):
         ((missing_keys, dst, '--arch', 'num_heads=1,2,4,8'), ('6 missing: norm.bias, norm.weight, stage3.1.mlp.fc1.bias',)),
         ((no_stage4, dst, '--arch', 'num_heads=1,2,4,8'), ('no blocks in stage4',)),
         ((missing_keys, dst, '--ema'), ("no 'model_ema' entry (a bare state_dict); drop --ema",)),
-        ((golden_path('v2_reduced.pth'), dst), ('matches no registered variant (v2', '--arch num_heads')),
+        ((golden_path('v2_reduced.pth'), dst), ('matches no registered variant (v2', '--arch num_heads=a,b,c,d')),
+        # v1's heads show in its transform convs: the message gives the flag to pass as is.
+        ((golden_path('v1_reduced.pth'), dst), ('matches no registered variant (v1', 'pass --arch num_heads=1,2,4,8')),
         ((golden_path('v2_reduced.pth'), dst, '--arch', 'depths=1,1,2,1'), ('num_heads',)),
     ]
     for i, (args, fragments) in enumerate(cases):

@@ -133,8 +133,11 @@ def recognize_variant(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any
                if all(_same(_full_arch(n).get(k), v) for k, v in seen.items())]
     if len(matches) == 1:
         return matches[0], overrides
+    heads = arch.get('num_heads')
+    how = (f'--arch num_heads={",".join(map(str, heads))}' if heads else
+           '--arch num_heads=a,b,c,d (the heads per stage, which these shapes do not show)')
     raise ValueError(f'layout matches no registered variant ({family}, embed_dims={list(arch["embed_dims"])}, '
-                     f'depths={list(arch["depths"])}); pass --model NAME (and --arch num_heads=... for v2)')
+                     f'depths={list(arch["depths"])}); to convert it as its shapes read, pass {how}')
 
 
 def _same(a: Any, b: Any) -> bool:
