@@ -13,8 +13,10 @@ Two formats, each a directory with `rest_jax.json` (METADATA) beside the weights
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -234,6 +236,25 @@ def reset_classifier(model: Any, variables: Mapping[str, Any], num_classes: int,
 
 # --- training workdirs -----------------------------------------------------------------------------
 
+# What Orbax logs, as warnings, whenever a checkpoint is read without writing (the step's metadata file
+# sits beside `state`, not in it): nothing for a reader to act on.
+_READ_ONLY_NOTICES = ('CheckpointManagerOptions.read_only=True', 'Given directory is read only',
+                      'Metadata file does not exist')
+
+
+@contextlib.contextmanager
+def _without_read_only_notices():
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_READ_ONLY_NOTICES)
+    logger = logging.getLogger('absl')
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+@_without_read_only_notices()
 def load_workdir(workdir: str | os.PathLike, ema: bool = False):
     """(model, variables) from a training workdir's newest complete checkpoint; ema=True gives the EMA
     parameters and statistics. `load_pretrained` calls this for workdirs."""

@@ -401,3 +401,21 @@ def test_open_iterators_do_not_hang_the_exit(digits):
               'print("ok")\n')
     result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-2000:]
+
+
+def test_pipeline_benchmark_prints_its_figures():
+    """`python -m rest_jax.data.benchmark`: the recipe's pipelines on a synthetic JPEG folder, one JSON
+    object of positive rates, and no progress bars from preparing that folder."""
+    import json
+    import subprocess
+    import sys
+    from conftest import REPO
+    run = subprocess.run([sys.executable, '-m', 'rest_jax.data.benchmark', f'--config={REPO}/configs/restv2_t.py',
+                          '--batch=8', '--steps=2', '--warmup=1', '--json'], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout)
+    assert result['dataset'] == 'image_folder' and result['batch'] == 8 and result['image_size'] == 224
+    for split in ('train', 'eval'):
+        assert result[f'{split}_images_per_sec'] > 0 and result[f'{split}_images_per_cpu_second'] > 0
+    assert '%|' not in run.stderr and ' examples/s' not in run.stderr

@@ -98,11 +98,13 @@ def test_uninterrupted_run_logs_and_saves(reference):
     assert any(p.name.startswith('events.out.tfevents') for p in (workdir / 'tensorboard').iterdir())
 
 
-def test_load_pretrained_reads_a_workdir(reference):
+def test_load_pretrained_reads_a_workdir(reference, caplog):
     import jax
     import jax.numpy as jnp
     import rest_jax
-    model, variables = rest_jax.load_pretrained(reference[0], ema=True)
+    with caplog.at_level('WARNING'):
+        model, variables = rest_jax.load_pretrained(reference[0], ema=True)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]   # Orbax's read-only notices kept out
     expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     assert jax.tree.map(lambda x: (x.shape, x.dtype), variables) == jax.tree.map(lambda x: (x.shape, x.dtype), expected)
     assert model.num_classes == 10 and tuple(model.embed_dims) == (16, 32, 64, 128)

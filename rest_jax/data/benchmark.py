@@ -12,14 +12,17 @@ per core fall with the load while CPU time per image hardly moves; images per CP
 one core would give with the machine to itself.
 """
 
+import contextlib
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
@@ -89,6 +92,10 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config configs/restv2_t.py')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # TFDS logs every file it prepares and reads at INFO; -v 0 shows them
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()  # the synthetic folder's preparation: bars, not figures
   cores = len(os.sched_getaffinity(0))
   with tempfile.TemporaryDirectory() as tmp:
     with config.unlocked():
@@ -99,7 +106,8 @@ def main(argv):
         config.dataset, config.data_dir = 'image_folder', f'{tmp}/photos'
         config.data.train_split, config.data.eval_split = 'train', 'val'
         config.model.num_classes = 4
-    rates = measure(config, _STEPS.value, _WARMUP.value)
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints as it prepares the folder: stdout is the figures
+      rates = measure(config, _STEPS.value, _WARMUP.value)
   result = {
       'dataset': config.dataset, 'image_size': config.image_size, 'batch': config.batch_size,
       'randaug': config.data.randaug, 'reprob': config.data.reprob, 'cpu_cores': cores,
