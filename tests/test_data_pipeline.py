@@ -403,15 +403,15 @@ def test_open_iterators_do_not_hang_the_exit(digits):
     assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-2000:]
 
 
-def test_pipeline_benchmark_prints_its_figures():
-    """`python -m rest_jax.data.benchmark`: the recipe's pipelines on a synthetic JPEG folder, one JSON
-    object of positive rates, and no progress bars from preparing that folder."""
+def test_pipeline_benchmark_prints_its_figures(tmp_path):
+    """`python -m rest_jax.data.benchmark`, from another directory: the recipe's pipelines on a synthetic
+    JPEG folder, one JSON object of positive rates, and no progress bars from preparing that folder."""
     import json
     import subprocess
     import sys
     from conftest import REPO
     run = subprocess.run([sys.executable, '-m', 'rest_jax.data.benchmark', f'--config={REPO}/configs/restv2_t.py',
-                          '--batch=8', '--steps=2', '--warmup=1', '--json'], cwd=REPO, capture_output=True,
+                          '--batch=8', '--steps=2', '--warmup=1', '--json'], cwd=tmp_path, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout)

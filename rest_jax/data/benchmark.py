@@ -129,4 +129,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # configs/*.py import `configs.common`: the checkout's root on the path, as train.py's directory is on
+  # its own, so that the command runs from any directory.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   app.run(main)
