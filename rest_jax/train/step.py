@@ -79,10 +79,11 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn: optax.Schedu
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema, new)
         candidate = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                                opt_state=opt_state, ema=ema)
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        # The global L2 norm (optax.global_norm, deprecated in optax 0.2.8; optax.tree.norm is newer than 0.2.4).
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), candidate, state)
-        metrics = {'loss': loss, 'lr': lr_fn(candidate.step - 1),
-                   'grad_norm': optax.global_norm(grads), 'finite': finite}
+        metrics = {'loss': loss, 'lr': lr_fn(candidate.step - 1), 'grad_norm': grad_norm, 'finite': finite}
         return state, metrics
 
     return train_step
