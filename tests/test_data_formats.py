@@ -145,7 +145,18 @@ def test_tfrecord_image_folder_copy_is_converted(tmp_path, monkeypatch):
     datasets.get_builder(config).download_and_prepare(file_format='tfrecord')
     with pytest.raises(ValueError, match=f'--dataset=image_folder --data_dir={root}`'):
         data.prepare(config)
-    convert.convert('image_folder', str(root), log=lambda _: None)
+    copy = tmp_path / 'tfds' / 'image_folder'
+    before = sorted(p.relative_to(copy) for p in copy.rglob('*'))
+    # A separate copy: the images stay config.data_dir; the converted copy is read from TFDS_DATA_DIR.
+    lines = []
+    assert convert.convert('image_folder', str(root), out_dir=str(tmp_path / 'mine'), log=lines.append) == str(root)
+    assert lines[-1].endswith(f'train with TFDS_DATA_DIR={tmp_path / "mine"} --config.data_dir={root}')
+    assert sorted(p.relative_to(copy) for p in copy.rglob('*')) == before   # the TFRecord copy untouched
+    monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'mine'))
+    assert data.dataset_info(config) == data.DatasetInfo(num_classes=2, num_train=7, num_eval=4)
+    monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+    convert.convert('image_folder', str(root), log=lines.append)   # in place
+    assert lines[-1].endswith(f'train with --config.data_dir={root}')
     assert data.dataset_info(config) == data.DatasetInfo(num_classes=2, num_train=7, num_eval=4)
 
 

@@ -78,7 +78,8 @@ def convert(dataset: str, data_dir: str, out_dir: str = '', workers: int = 8, lo
       log: called with one line of progress at a time.
 
     Returns:
-      The config.data_dir to train with (out_dir if given, else data_dir).
+      The config.data_dir to train with: out_dir if given, else data_dir; for image_folder always
+      data_dir (the images), with $TFDS_DATA_DIR=out_dir where out_dir is given.
 
     Raises:
       ValueError: nothing is prepared there, or the conversion left a split incomplete.
@@ -126,13 +127,18 @@ def convert(dataset: str, data_dir: str, out_dir: str = '', workers: int = 8, lo
         info.file_format = target.value
         del info.alternative_file_formats[:]
         dataset_info_lib.write_dataset_info_proto(info, dataset_info_dir=dst)
-    converted = datasets.get_builder(ml_collections.ConfigDict(
-        {'dataset': dataset, 'data_dir': out_dir or data_dir}))
+    if dataset == 'image_folder':
+        # config.data_dir names the images; their TFDS copy is found in $TFDS_DATA_DIR.
+        converted = datasets.opened_in(config, out_dir) if out_dir else datasets.get_builder(config)
+        train_with = (f'TFDS_DATA_DIR={out_dir} ' if out_dir else '') + f'--config.data_dir={data_dir}'
+    else:
+        converted = datasets.get_builder(ml_collections.ConfigDict({'dataset': dataset,
+                                                                   'data_dir': out_dir or data_dir}))
+        train_with = f'--config.data_dir={out_dir or data_dir or os.environ.get("TFDS_DATA_DIR", "")}'
     if datasets.FILE_FORMAT not in datasets.file_formats(converted):
         raise ValueError(f'the conversion of {src} did not complete; run the command again')
-    log(f'{dst} holds {builder.name} as ArrayRecord; train with --config.data_dir='
-        f'{out_dir or data_dir or os.environ.get("TFDS_DATA_DIR", "")}')
-    return out_dir or data_dir
+    log(f'{dst} holds {builder.name} as ArrayRecord; train with {train_with}')
+    return data_dir if dataset == 'image_folder' else out_dir or data_dir
 
 
 def _check_shards(info, dst):

@@ -307,6 +307,11 @@ def get_builder(config):
     return builder  # not prepared: in the last directory, where it is prepared
 
 
+def opened_in(config, data_dir):
+    """The builder of ``config.dataset``'s copy in the TFDS data dir ``data_dir``, as `get_builder` opens it."""
+    return _with_alternative_formats(_make_builder(config, data_dir))
+
+
 def convert_command(config, data_dir=None) -> str:
     """The command that converts the prepared copy of ``config.dataset`` to ArrayRecord in place."""
     if config.dataset == 'image_folder':
