@@ -1,4 +1,4 @@
-"""restv2_base fine-tuned at 384 from a 224 checkpoint (see configs/common.py: v2_384_config).
+r"""restv2_base fine-tuned at 384 from a 224 checkpoint (see configs/common.py: v2_384_config).
 
     python train.py --config configs/restv2_b_384.py --workdir /tmp/restv2_base_384 \
         --config.init_from=/tmp/restv2_base --config.data_dir=/path/to/tfds

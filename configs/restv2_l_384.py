@@ -1,4 +1,4 @@
-"""restv2_large fine-tuned at 384 from a 224 checkpoint (see configs/common.py: v2_384_config).
+r"""restv2_large fine-tuned at 384 from a 224 checkpoint (see configs/common.py: v2_384_config).
 
     python train.py --config configs/restv2_l_384.py --workdir /tmp/restv2_large_384 \
         --config.init_from=/tmp/restv2_large --config.data_dir=/path/to/tfds

@@ -1,4 +1,4 @@
-"""restv2_small fine-tuned at 384 from a 224 checkpoint (see configs/common.py: v2_384_config).
+r"""restv2_small fine-tuned at 384 from a 224 checkpoint (see configs/common.py: v2_384_config).
 
     python train.py --config configs/restv2_s_384.py --workdir /tmp/restv2_small_384 \
         --config.init_from=/tmp/restv2_small --config.data_dir=/path/to/tfds

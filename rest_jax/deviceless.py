@@ -170,7 +170,7 @@ def gpu_devices(target: str) -> list[jax.Device]:
         raise TargetError(f'a GPU target is kind:count, e.g. h100:8, got {target!r}; accepted forms: {TOPOLOGY_FORMS}')
     if not cuda_plugin_installed():
         raise TargetError(f'compiling for a GPU target needs jax\'s CUDA plugin, which is not installed: '
-                          f'pip install --no-deps jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__}')
+                          f"pip install 'jax[cuda12-local]=={jax.__version__}' (the plugin, without CUDA's libraries)")
     from jax.experimental import topologies
     os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')   # there is no driver to check
     with _quiet_stderr():
