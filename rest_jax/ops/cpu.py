@@ -82,6 +82,16 @@ def _random_inputs(*arrays: jax.Array) -> list[jax.Array]:
             for k, a in zip(keys, arrays)]
 
 
+def _timed(f: Callable, *arrays) -> Callable[[], Callable[[], object]]:
+    """A `cpu_tune` candidate: builds `f` compiled on random inputs shaped as `arrays`, and returns a
+    call that runs it once and waits for it."""
+    def compiled_call():
+        args = _random_inputs(*arrays)
+        compiled = jax.jit(f).lower(*args).compile()
+        return lambda: jax.block_until_ready(compiled(*args))
+    return compiled_call
+
+
 def _conv_gradient(form: Callable, wrt: str, x, kernel, g, stride: int, pad: int) -> jax.Array:
     """The input's (`wrt='input'`) or the kernel's gradient of `form` at (x, kernel), given the output's g."""
     if wrt == 'input':
@@ -93,16 +103,9 @@ def _candidates(x, kernel, stride, pad, g=None, wrt: str | None = None) -> dict[
     """Each form of the conv, compiled at these shapes on random inputs: its forward pass, or with `g`
     one of its two gradients alone (`wrt`: 'input' or 'kernel', from the saved input)."""
     def build(form):
-        def compiled_call():
-            if g is None:
-                args = _random_inputs(x, kernel)
-                f = jax.jit(lambda x, k: form(x, k, stride, pad))
-            else:
-                args = _random_inputs(x, kernel, g)
-                f = jax.jit(lambda x, k, g: _conv_gradient(form, wrt, x, k, g, stride, pad))
-            compiled = f.lower(*args).compile()
-            return lambda: jax.block_until_ready(compiled(*args))
-        return compiled_call
+        if g is None:
+            return _timed(lambda x, k: form(x, k, stride, pad), x, kernel)
+        return _timed(lambda x, k, g: _conv_gradient(form, wrt, x, k, g, stride, pad), x, kernel, g)
     return {name: build(form) for name, form in _CONV_FORMS.items()}
 
 
@@ -377,21 +380,17 @@ def _upsample_form(x: jax.Array, kernel: jax.Array, ratio: int, after: tuple) ->
     key = (f'upsample {b}x{h}x{w}x{c}, ratio {ratio}, {jnp.dtype(x.dtype).name}'
            + ('' if eps is None else ', LayerNorm') + ('' if added is None else f', added to {added[0][1]}x{added[0][2]}'))
 
-    def build(form):
-        def compiled_call():
-            params = jax.ShapeDtypeStruct((c,), jnp.float32)
-            arrays = [x, kernel, jax.ShapeDtypeStruct(kernel.shape[-1:], kernel.dtype), params, params]
-            if added is not None:
-                arrays.append(jax.ShapeDtypeStruct(*added))
-            args = _random_inputs(*arrays)
+    params = jax.ShapeDtypeStruct((c,), jnp.float32)
+    arrays = [x, kernel, jax.ShapeDtypeStruct(kernel.shape[-1:], kernel.dtype), params, params]
+    if added is not None:
+        arrays.append(jax.ShapeDtypeStruct(*added))
 
-            def branch(x, kernel, bias, scale, shift, *add):
-                norm = None if eps is None else (scale, shift, eps)
-                y = form(x, *_shuffled_parameters(kernel, bias, ratio))
-                return portable.finish_upsample(y, norm, add[0] if add else None, layer_norm)
-            compiled = jax.jit(branch).lower(*args).compile()
-            return lambda: jax.block_until_ready(compiled(*args))
-        return compiled_call
+    def build(form):
+        def branch(x, kernel, bias, scale, shift, *add):
+            norm = None if eps is None else (scale, shift, eps)
+            y = form(x, *_shuffled_parameters(kernel, bias, ratio))
+            return portable.finish_upsample(y, norm, add[0] if add else None, layer_norm)
+        return _timed(branch, *arrays)
     return cpu_tune.choose(key + ', forward', {name: build(form) for name, form in _UPSAMPLE_FORMS.items()},
                            'shuffled', (x.shape,) + (() if added is None else (added[0],)))
 
